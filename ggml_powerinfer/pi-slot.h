@@ -1,0 +1,45 @@
+// Model slots: one per loaded model, each with its own buffer type (RAM or disk resident) and
+// counters. The compute code finds the slot of a weight through its buffer's type.
+#pragma once
+
+#include "ggml-powerinfer.h"
+#include "pi-file.h"
+
+#include "ggml-backend-impl.h"
+
+#include <atomic>
+#include <mutex>
+#include <string>
+
+struct pi_counters {
+    std::atomic<uint64_t> ffn_bytes_read{0};
+    std::atomic<uint64_t> ffn_read_ns{0};
+    std::atomic<uint64_t> ffn_rows_computed{0};
+    std::atomic<uint64_t> ffn_matmuls{0};
+    std::atomic<uint64_t> ffn_graphs{0};
+    std::atomic<uint64_t> ffn_ns{0};
+    std::atomic<uint64_t> ffn_tokens{0};
+};
+
+struct pi_model_slot {
+    std::string   path;
+    pi_residency  residency;
+    pi_file       file; // indexed in disk mode only
+    std::string   buft_name;
+    struct ggml_backend_buffer_type buft;
+
+    std::atomic<int>    refs{1};          // the creator's reference + one per live buffer
+    std::atomic<size_t> resident_bytes{0};
+    std::atomic<size_t> weight_bytes{0};
+    pi_counters         counters;
+};
+
+// The slot a weight belongs to, or nullptr if the tensor is not in one of our buffers.
+pi_model_slot * pi_slot_of_tensor(const struct ggml_tensor * t);
+bool            pi_buft_is_ours(ggml_backend_buffer_type_t buft);
+
+// File location of a disk-resident weight (set when the tensor is placed in its buffer).
+const pi_tensor_loc * pi_disk_tensor_loc(const struct ggml_tensor * t);
+
+// Implemented by the device: the device every slot buffer type belongs to.
+ggml_backend_dev_t pi_device(void);

@@ -1,0 +1,136 @@
+"""``powerinfer.Llama``: ``llama_cpp.Llama`` with every layer's FFN on the PowerInfer backend."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from typing import Any, Iterator, Optional
+
+import llama_cpp
+import llama_cpp._internals as _internals
+
+from . import _core
+
+# Dense FFN weights of every layer. Mixture-of-experts tensors (ffn_*_exps, ffn_*_shexp) and
+# biases do not match: they stay on the CPU backend.
+FFN_WEIGHT_PATTERN = r"^blk\.\d+\.ffn_(gate|up|down)\.weight$"
+
+
+class ModelFileError(ValueError):
+    """The model file is missing, not a GGUF file, or damaged."""
+
+
+class _BuftOverride(ctypes.Structure):
+    # struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+_model_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_params_hook(apply: Any) -> Iterator[None]:
+    """While the base constructor runs, let `apply` edit the llama_model_params it loads with.
+
+    llama_cpp.Llama builds its model params inside __init__ and exposes neither
+    tensor_buft_overrides nor a hook, so we wrap the LlamaModel factory for this thread only.
+    """
+    owner = threading.get_ident()
+    with _model_init_lock:
+        original = _internals.LlamaModel
+
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == owner:
+                apply(kwargs["params"])
+            return original(*args, **kwargs)
+
+        _internals.LlamaModel = factory  # type: ignore[misc]
+        try:
+            yield
+        finally:
+            _internals.LlamaModel = original  # type: ignore[misc]
+
+
+def check_model_file(path: str | os.PathLike[str]) -> None:
+    """Raise ModelFileError with a clear reason if `path` cannot be a loadable GGUF model."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ModelFileError(f"model file does not exist: {p}")
+    if os.path.isdir(p):
+        raise ModelFileError(f"model path is a directory, not a GGUF file: {p}")
+    try:
+        _core.check_gguf(p)
+    except ValueError as exc:
+        raise ModelFileError(str(exc)) from None
+
+
+class Llama(llama_cpp.Llama):
+    """A drop-in ``llama_cpp.Llama`` whose FFN layers run on the PowerInfer ggml backend.
+
+    Extra keyword arguments:
+
+    * ``ffn_on_disk``: keep FFN weights in the model file and read them (direct I/O) when a
+      layer needs them, instead of holding them in memory.
+    * ``memory_budget``: reserved for the neuron cache; not yet supported.
+    """
+
+    def __init__(self, model_path: str, *, ffn_on_disk: bool = False,
+                 memory_budget: Optional[int | str] = None, **kwargs: Any) -> None:
+        if memory_budget is not None:
+            raise NotImplementedError(
+                "memory_budget is not yet supported: it arrives with the neuron cache. "
+                "Use ffn_on_disk=True to keep FFN weights out of memory.")
+        check_model_file(model_path)
+        self.ffn_on_disk = bool(ffn_on_disk)
+        self._pi_slot: Optional[_core.ModelSlot] = _core.ModelSlot(os.fspath(model_path), self.ffn_on_disk)
+        self._pi_pattern = FFN_WEIGHT_PATTERN.encode()
+        self._pi_overrides = (_BuftOverride * 2)()
+        self._pi_overrides[0].pattern = self._pi_pattern
+        self._pi_overrides[0].buft = self._pi_slot.buft_address
+        self._pi_overrides[1].pattern = None
+        self._pi_overrides[1].buft = None
+
+        def route_ffn(params: llama_cpp.llama_model_params) -> None:
+            params.tensor_buft_overrides = ctypes.cast(self._pi_overrides, ctypes.c_void_p)
+
+        try:
+            with _model_params_hook(route_ffn):
+                super().__init__(model_path, **kwargs)
+        except BaseException:
+            self._pi_release()
+            raise
+
+    def powerinfer_stats(self) -> dict[str, Any]:
+        """Counters of the FFN backend for this model: bytes read, rows computed, time."""
+        if self._pi_slot is None:
+            raise ValueError("the model is closed")
+        stats = self._pi_slot.stats()
+        stats["ffn_on_disk"] = self.ffn_on_disk
+        stats["direct_io"] = self._pi_slot.direct_io if self.ffn_on_disk else False
+        return stats
+
+    def reset_powerinfer_stats(self) -> None:
+        if self._pi_slot is not None:
+            self._pi_slot.reset_stats()
+
+    def _pi_release(self) -> None:
+        slot = getattr(self, "_pi_slot", None)
+        if slot is not None:
+            slot.close()
+            self._pi_slot = None
+
+    def close(self) -> None:
+        super().close()
+        self._pi_release()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["ffn_on_disk"] = self.ffn_on_disk
+        return state

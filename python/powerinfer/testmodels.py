@@ -1,0 +1,286 @@
+"""Synthetic llama-architecture GGUF models with planted activation sparsity.
+
+The files load in stock llama.cpp. They are written tensor by tensor, so a 7B-class file needs
+only one tensor's worth of memory. How sparsity is planted (see docs/test-models.md):
+
+* Hidden dimension 0 is a *bias channel*: every token embedding holds the constant ``B0`` there
+  and no layer writes to it, so after RMSNorm it stays near ``sqrt(n_embd/2)``.
+* Column 0 of gate row ``i`` is ``b_i / sqrt(n_embd/2)``: the gate pre-activation of neuron ``i``
+  is ``b_i + z_i`` with ``z_i`` roughly ``N(0, 1/2)``. Neuron ``i`` fires (``> 0``) with
+  probability ``P_i = Phi(b_i / sigma)``.
+* ``P_i`` follows a power law over a random ranking of neurons: ``P_i = min(0.99, c * r_i^-skew)``
+  with ``c`` set so that the mean is the requested active fraction. ``skew=0`` is uniform.
+* Token-to-token locality: queries and keys are near zero, so attention averages the past; the
+  attention output is scaled by ``locality``, mixing a slowly varying history into each token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+try:
+    import gguf
+except ImportError as exc:  # pragma: no cover - gguf is a declared dependency
+    raise ImportError("the gguf package is required: pip install gguf") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    n_vocab: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ctx: int = 4096
+
+
+PRESETS: dict[str, ModelShape] = {
+    "tiny": ModelShape(n_vocab=1024, n_embd=128, n_ff=512, n_layer=2, n_head=4, n_head_kv=2, n_ctx=1024),
+    "small": ModelShape(n_vocab=4096, n_embd=512, n_ff=2048, n_layer=4, n_head=8, n_head_kv=4),
+    "1b": ModelShape(n_vocab=32000, n_embd=2048, n_ff=8192, n_layer=16, n_head=32, n_head_kv=8),
+    "7b": ModelShape(n_vocab=32000, n_embd=4096, n_ff=14336, n_layer=32, n_head=32, n_head_kv=8),
+}
+
+TYPES: dict[str, gguf.GGMLQuantizationType] = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+}
+
+# general.file_type values (llama_ftype) for the mostly-X types we write
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '</s>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparsity:
+    active_fraction: float = 0.1  # mean fraction of FFN neurons whose gate is > 0 per token
+    skew: float = 1.0             # power-law exponent of neuron firing frequency (0 = uniform)
+    locality: float = 0.5         # weight of the attention history in each token's input
+
+
+def firing_probabilities(n: int, active_fraction: float, skew: float, rng: np.random.Generator) -> np.ndarray:
+    """Per-neuron firing probability: a power law over a random ranking, with the given mean."""
+    if not 0.0 < active_fraction < 1.0:
+        raise ValueError(f"active fraction must be in (0, 1), got {active_fraction}")
+    ranks = rng.permutation(n).astype(np.float64) + 1.0
+    shape = ranks ** (-skew)
+    cap = 0.99
+    lo, hi = 0.0, 1.0
+    while shape.max() * hi < cap and np.minimum(cap, shape * hi).mean() < active_fraction:
+        hi *= 2.0
+    for _ in range(100):  # bisection on the scale c
+        mid = (lo + hi) / 2
+        if np.minimum(cap, shape * mid).mean() < active_fraction:
+            lo = mid
+        else:
+            hi = mid
+    return np.clip(shape * hi, 1e-6, cap)
+
+
+def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """A sentencepiece-style vocabulary: specials, 256 byte tokens, then letter pieces."""
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [2, 3, 3]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    pieces: list[str] = []
+    seen: set[str] = set()
+
+    def add(piece: str) -> None:
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append(piece)
+
+    for ch in letters + letters.upper() + "0123456789.,!?;:'\"()-":
+        add(ch)
+        add("\u2581" + ch)
+    for a in letters:
+        for b in letters:
+            add(a + b)
+            add("\u2581" + a + b)
+    for a in letters:
+        for b in letters:
+            for c in letters:
+                add(a + b + c)
+                add("\u2581" + a + b + c)
+    need = n_vocab - len(tokens)
+    if need > len(pieces):
+        raise ValueError(f"n_vocab {n_vocab} is larger than the synthetic vocabulary ({len(tokens) + len(pieces)})")
+    pieces = pieces[:need]
+    tokens += pieces
+    types += [1] * len(pieces)
+    scores = [0.0] * (len(tokens) - len(pieces)) + [-float(i) for i in range(len(pieces))]
+    return tokens, scores, types
+
+
+def _quantize(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return rows.astype(np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return rows.astype(np.float16)
+    return gguf.quants.quantize(rows.astype(np.float32), qtype)
+
+
+def _tensor_nbytes(shape: tuple[int, int], qtype: gguf.GGMLQuantizationType) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    if cols % block != 0:
+        raise ValueError(f"row length {cols} is not a multiple of the {qtype.name} block size {block}")
+    return rows * cols // block * type_size
+
+
+@dataclasses.dataclass
+class _TensorPlan:
+    name: str
+    shape: tuple[int, ...]  # numpy (row-major) shape
+    qtype: gguf.GGMLQuantizationType
+    make: Callable[[], np.ndarray]  # float32 values
+
+
+def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsity,
+          rng: np.random.Generator) -> Iterator[_TensorPlan]:
+    n, f = shape.n_embd, shape.n_ff
+    head_dim = n // shape.n_head
+    n_kv = head_dim * shape.n_head_kv
+    f32 = gguf.GGMLQuantizationType.F32
+    x0 = math.sqrt(n / 2.0)   # the bias channel after RMSNorm
+    sigma = math.sqrt(0.5)    # std of the rest of a gate pre-activation
+
+    def normal(rows: int, cols: int, std: float) -> np.ndarray:
+        return rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std)
+
+    def embedding() -> np.ndarray:
+        e = normal(shape.n_vocab, n, 1.0)
+        e[:, 0] = math.sqrt(n)
+        return e
+
+    def ones() -> np.ndarray:
+        return np.ones((n,), dtype=np.float32)
+
+    yield _TensorPlan("token_embd.weight", (shape.n_vocab, n), wtype, embedding)
+    for il in range(shape.n_layer):
+        p = f"blk.{il}."
+
+        def gate(il: int = il) -> np.ndarray:
+            probs = firing_probabilities(f, sparsity.active_fraction, sparsity.skew, rng)
+            inv = statistics.NormalDist().inv_cdf
+            bias = np.array([sigma * inv(float(q)) for q in probs], dtype=np.float32)
+            w = normal(f, n, 1.0 / math.sqrt(n))
+            w[:, 0] = bias / x0
+            return w
+
+        def wo() -> np.ndarray:
+            w = normal(n, n, sparsity.locality / math.sqrt(n))
+            w[0, :] = 0.0  # nothing writes the bias channel
+            return w
+
+        def down() -> np.ndarray:
+            w = normal(n, f, 0.5 / math.sqrt(f * max(sparsity.active_fraction, 0.05)))
+            w[0, :] = 0.0
+            return w
+
+        yield _TensorPlan(p + "attn_norm.weight", (n,), f32, ones)
+        yield _TensorPlan(p + "attn_q.weight", (n, n), wtype, lambda: normal(n, n, 0.1 / math.sqrt(n)))
+        yield _TensorPlan(p + "attn_k.weight", (n_kv, n), wtype, lambda: normal(n_kv, n, 0.1 / math.sqrt(n)))
+        yield _TensorPlan(p + "attn_v.weight", (n_kv, n), wtype, lambda: normal(n_kv, n, 1.0 / math.sqrt(n)))
+        yield _TensorPlan(p + "attn_output.weight", (n, n), wtype, wo)
+        yield _TensorPlan(p + "ffn_norm.weight", (n,), f32, ones)
+        yield _TensorPlan(p + "ffn_gate.weight", (f, n), wtype, gate)
+        yield _TensorPlan(p + "ffn_up.weight", (f, n), wtype, lambda: normal(f, n, 1.0 / math.sqrt(n)))
+        yield _TensorPlan(p + "ffn_down.weight", (n, f), wtype, down)
+    yield _TensorPlan("output_norm.weight", (n,), f32, ones)
+    # a large logit scale gives clear greedy margins, so float noise cannot flip a token
+    yield _TensorPlan("output.weight", (shape.n_vocab, n), wtype, lambda: normal(shape.n_vocab, n, 8.0 / math.sqrt(n)))
+
+
+def write_test_model(path: str | os.PathLike[str], *, preset: str = "tiny", wtype: str = "f16",
+                     sparsity: Sparsity = Sparsity(), seed: int = 0,
+                     shape: ModelShape | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a synthetic model to `path` (atomically: a temp name, then rename)."""
+    if wtype not in TYPES:
+        raise ValueError(f"unsupported type {wtype!r}; choose one of {', '.join(TYPES)}")
+    if shape is None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        shape = PRESETS[preset]
+    qtype = TYPES[wtype]
+    if shape.n_embd % shape.n_head != 0:
+        raise ValueError("n_embd must be a multiple of n_head")
+    rng = np.random.default_rng(seed)
+    out = Path(path)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+
+    tokens, scores, types = _vocab(shape.n_vocab)
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(f"powerinfer-synthetic-{preset if shape is PRESETS.get(preset) else 'custom'}-{wtype}")
+    w.add_file_type(_FILE_TYPES[wtype])
+    w.add_context_length(shape.n_ctx)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(shape.n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_string("powerinfer.synthetic.activation", "relu")
+    w.add_float32("powerinfer.synthetic.active_fraction", sparsity.active_fraction)
+    w.add_float32("powerinfer.synthetic.skew", sparsity.skew)
+    w.add_float32("powerinfer.synthetic.locality", sparsity.locality)
+    w.add_uint32("powerinfer.synthetic.seed", seed)
+
+    plans = list(_plan(shape, qtype, sparsity, rng))
+    for t in plans:
+        if len(t.shape) == 1:
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.shape[0] * 4)
+        else:
+            nbytes = _tensor_nbytes(t.shape, t.qtype)  # type: ignore[arg-type]
+            if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                dtype = np.dtype(np.float32 if t.qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+                w.add_tensor_info(t.name, t.shape, dtype, nbytes)
+            else:
+                block, type_size = gguf.GGML_QUANT_SIZES[t.qtype]
+                byte_shape = (t.shape[0], t.shape[1] // block * type_size)
+                w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=t.qtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, t in enumerate(plans):
+            values = t.make()
+            w.write_tensor_data(_quantize(values, t.qtype) if values.ndim == 2 else values)
+            if progress is not None:
+                progress(i + 1, len(plans))
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
