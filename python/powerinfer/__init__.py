@@ -33,6 +33,6 @@ from . import _core  # noqa: E402
 
 _core.register_backend()
 
-from .llama import Llama, ModelFileError  # noqa: E402
+from .llama import Llama, ModelFileError, StockLlama  # noqa: E402
 
-__all__ = ["Llama", "ModelFileError", "LLAMA_CPP_PYTHON_VERSION", "__version__"]
+__all__ = ["Llama", "ModelFileError", "StockLlama", "LLAMA_CPP_PYTHON_VERSION", "__version__"]

@@ -65,6 +65,22 @@ def check_model_file(path: str | os.PathLike[str]) -> None:
         raise ModelFileError(str(exc)) from None
 
 
+class StockLlama(llama_cpp.Llama):
+    """Stock ``llama_cpp.Llama`` with llama.cpp's ``use_extra_bufts`` exposed.
+
+    With ``use_extra_bufts=False`` the CPU backend does not repack Q4_0/Q8_0/Q4_K weights: it
+    computes with the plain vec_dot kernels (the arithmetic our backend reproduces) and can serve
+    weights straight from the mmap, which is stock's best configuration under a memory limit.
+    """
+
+    def __init__(self, model_path: str, *, use_extra_bufts: bool = True, **kwargs: Any) -> None:
+        def set_extra_bufts(params: llama_cpp.llama_model_params) -> None:
+            params.use_extra_bufts = use_extra_bufts
+
+        with _model_params_hook(set_extra_bufts):
+            super().__init__(model_path, **kwargs)
+
+
 class Llama(llama_cpp.Llama):
     """A drop-in ``llama_cpp.Llama`` whose FFN layers run on the PowerInfer ggml backend.
 
@@ -73,10 +89,12 @@ class Llama(llama_cpp.Llama):
     * ``ffn_on_disk``: keep FFN weights in the model file and read them (direct I/O) when a
       layer needs them, instead of holding them in memory.
     * ``memory_budget``: reserved for the neuron cache; not yet supported.
+    * ``use_extra_bufts``: let the CPU backend repack the weights it keeps (default, as stock).
     """
 
     def __init__(self, model_path: str, *, ffn_on_disk: bool = False,
-                 memory_budget: Optional[int | str] = None, **kwargs: Any) -> None:
+                 memory_budget: Optional[int | str] = None, use_extra_bufts: bool = True,
+                 **kwargs: Any) -> None:
         if memory_budget is not None:
             raise NotImplementedError(
                 "memory_budget is not yet supported: it arrives with the neuron cache. "
@@ -93,6 +111,7 @@ class Llama(llama_cpp.Llama):
 
         def route_ffn(params: llama_cpp.llama_model_params) -> None:
             params.tensor_buft_overrides = ctypes.cast(self._pi_overrides, ctypes.c_void_p)
+            params.use_extra_bufts = use_extra_bufts
 
         try:
             with _model_params_hook(route_ffn):

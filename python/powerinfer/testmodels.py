@@ -81,7 +81,9 @@ def firing_probabilities(n: int, active_fraction: float, skew: float, rng: np.ra
     shape = ranks ** (-skew)
     cap = 0.99
     lo, hi = 0.0, 1.0
-    while shape.max() * hi < cap and np.minimum(cap, shape * hi).mean() < active_fraction:
+    while np.minimum(cap, shape * hi).mean() < active_fraction:
+        if hi > 1e12:
+            raise ValueError(f"active fraction {active_fraction} is not reachable with skew {skew}")
         hi *= 2.0
     for _ in range(100):  # bisection on the scale c
         mid = (lo + hi) / 2

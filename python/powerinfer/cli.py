@@ -1,0 +1,131 @@
+"""The ``powerinfer`` command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+
+def _cmd_make_test_model(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .testmodels import PRESETS, Sparsity, write_test_model
+
+    sparsity = Sparsity(active_fraction=args.active_fraction, skew=args.skew, locality=args.locality)
+    with tqdm(total=1, unit="tensor", desc=f"writing {os.path.basename(args.output)}",
+              disable=args.quiet) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        path = write_test_model(args.output, preset=args.preset, wtype=args.type, sparsity=sparsity,
+                                seed=args.seed, progress=progress)
+    shape = PRESETS[args.preset]
+    print(f"{path}: {os.path.getsize(path) / 2**30:.2f} GiB, {shape.n_layer} layers, "
+          f"n_embd {shape.n_embd}, n_ff {shape.n_ff}, {args.type}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    threads = args.threads or max(1, os.cpu_count() or 1)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    rows = bench.run(args.model, modes=modes, threads=threads, n_prompt=args.n_prompt,
+                     n_gen=args.n_gen, reps=args.repetitions, seed=args.seed)
+    print(bench.format_table(args.model, rows, threads))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .llama import Llama
+
+    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads, ffn_on_disk=args.ffn_on_disk,
+                verbose=args.verbose)
+    for chunk in llm(args.prompt, max_tokens=args.n_predict, temperature=args.temperature,
+                     seed=args.seed, stream=True):
+        sys.stdout.write(chunk["choices"][0]["text"])
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        for key, value in llm.powerinfer_stats().items():
+            print(f"{key}: {value}", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .models import gemma3_270m
+
+    path = gemma3_270m()
+    print(f"model: {path}", file=sys.stderr)
+    run_args = argparse.Namespace(model=str(path), prompt=args.prompt, n_predict=args.n_predict,
+                                  ctx_size=1024, threads=args.threads, ffn_on_disk=args.ffn_on_disk,
+                                  temperature=0.0, seed=0, verbose=False, stats=True)
+    return _cmd_run(run_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .testmodels import PRESETS, TYPES
+
+    parser = argparse.ArgumentParser(prog="powerinfer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-test-model", help="write a synthetic GGUF model with planted sparsity")
+    p.add_argument("output", help="path of the .gguf file to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--type", choices=sorted(TYPES), default="f16", help="weight type")
+    p.add_argument("--active-fraction", type=float, default=0.1,
+                   help="mean fraction of FFN neurons active per token (default 0.1)")
+    p.add_argument("--skew", type=float, default=1.0, help="power-law skew of neuron frequency")
+    p.add_argument("--locality", type=float, default=0.5, help="token-to-token correlation, 0..1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_make_test_model)
+
+    p = sub.add_parser("bench", help="pp/tg tokens per second, stock llama-cpp-python vs PowerInfer")
+    p.add_argument("model")
+    p.add_argument("-p", "--n-prompt", type=int, default=512)
+    p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--modes", default="stock,ram,disk", help="comma list of stock, ram, disk")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("run", help="generate text from a prompt (streamed)")
+    p.add_argument("model")
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-n", "--n-predict", type=int, default=128)
+    p.add_argument("-c", "--ctx-size", type=int, default=2048)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--ffn-on-disk", action="store_true", help="keep FFN weights on disk")
+    p.add_argument("--stats", action="store_true", help="print backend counters at the end")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="generate text with Gemma 3 270M through the PowerInfer backend")
+    p.add_argument("-p", "--prompt", default="The three most useful things to know about the Python language are")
+    p.add_argument("-n", "--n-predict", type=int, default=64)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--ffn-on-disk", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, NotImplementedError) as exc:
+        print(f"powerinfer: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
