@@ -1,5 +1,7 @@
 #include "pi-matmul.h"
 
+#include "pi-dot.h"
+
 #include "ggml-cpu.h"
 
 #include <algorithm>
@@ -26,6 +28,7 @@ struct pi_matmul_job {
     const char *           xq;        // converted activations
     size_t                 xq_stride;
     ggml_vec_dot_t         vec_dot;
+    pi_dot_rows_fn         dot_rows;  // several rows at once, or nullptr
     ggml_from_float_t      from_float; // nullptr when x is used as is
     std::atomic<int64_t>   next_chunk{0};
     std::atomic<int>       converted{0};
@@ -57,7 +60,19 @@ static void matmul_task(int ith, int nth, void * user_data) {
         const int64_t r1 = std::min(r0 + PI_ROWS_PER_CHUNK, a.n_out);
         for (int64_t c0 = 0; c0 < a.n_cols; c0 += PI_COLS_PER_BLOCK) {
             const int64_t c1 = std::min(c0 + PI_COLS_PER_BLOCK, a.n_cols);
-            for (int64_t r = r0; r < r1; r++) {
+            int64_t r = r0;
+            for (; job->dot_rows != nullptr && r + PI_DOT_ROWS <= r1; r += PI_DOT_ROWS) {
+                const char * w_rows = a.w + r*a.w_stride;
+                for (int64_t c = c0; c < c1; c++) {
+                    float sums[PI_DOT_ROWS];
+                    job->dot_rows((int) a.n_in, sums, w_rows, a.w_stride, job->xq + c*job->xq_stride);
+                    float * out = (float *) ((char *) a.dst + c*a.dst_stride) + r;
+                    for (int k = 0; k < PI_DOT_ROWS; k++) {
+                        out[k] = sums[k];
+                    }
+                }
+            }
+            for (; r < r1; r++) {
                 const char * w_row = a.w + r*a.w_stride;
                 for (int64_t c = c0; c < c1; c++) {
                     float * out = (float *) ((char *) a.dst + c*a.dst_stride) + r;
@@ -74,7 +89,8 @@ void pi_matmul(pi_threadpool * pool, const pi_matmul_args & args, std::vector<ch
 
     pi_matmul_job job;
     job.args    = &args;
-    job.vec_dot = traits->vec_dot;
+    job.vec_dot  = traits->vec_dot;
+    job.dot_rows = pi_dot_rows_kernel(args.w_type);
     if (dot_type == GGML_TYPE_F32) {
         job.xq         = (const char *) args.x;
         job.xq_stride  = args.x_stride;

@@ -1,0 +1,114 @@
+#include "pi-dot.h"
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+// ggml's block layouts (ggml-common.h is internal; these are fixed by the GGUF format)
+#define PI_QK 32
+struct pi_block_q4_0 { uint16_t d; uint8_t qs[PI_QK / 2]; };
+struct pi_block_q8_0 { uint16_t d; int8_t  qs[PI_QK]; };
+static_assert(sizeof(pi_block_q4_0) == 18, "q4_0 block");
+static_assert(sizeof(pi_block_q8_0) == 34, "q8_0 block");
+
+static inline float fp16_to_fp32(uint16_t h) {
+    return _cvtsh_ss(h);
+}
+
+// Same reduction order as ggml's hsum_float_8.
+static inline float hsum_float_8(const __m256 x) {
+    __m128 res = _mm256_extractf128_ps(x, 1);
+    res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+    res = _mm_add_ss(res, _mm_movehdup_ps(res));
+    return _mm_cvtss_f32(res);
+}
+
+// 32 nibbles -> 32 bytes in [0, 15]: low nibbles first, as ggml's bytes_from_nibbles_32.
+static inline __m256i unpack_nibbles(const uint8_t * qs) {
+    const __m128i tmp = _mm_loadu_si128((const __m128i *) qs);
+    const __m256i bytes = _mm256_insertf128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1);
+    return _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes);
+}
+
+// Q4_0 x Q8_0. ggml computes lane j = sum over 4 bytes of (x - 8) * y with a sign trick; here
+// lane j = sum of x * y (x unsigned in [0, 15]) minus 8 * sum of y: the same integer, with the
+// activation part computed once for all rows.
+static void dot_rows_q4_0(int n, float * out, const char * rows, size_t row_stride, const void * vy) {
+    const int nb = n / PI_QK;
+    const pi_block_q8_0 * y = (const pi_block_q8_0 *) vy;
+    const pi_block_q4_0 * x[PI_DOT_ROWS];
+    for (int r = 0; r < PI_DOT_ROWS; r++) {
+        x[r] = (const pi_block_q4_0 *) (rows + r*row_stride);
+    }
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m256i eights = _mm256_set1_epi8(8);
+    __m256 acc[PI_DOT_ROWS];
+    for (int r = 0; r < PI_DOT_ROWS; r++) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    for (int ib = 0; ib < nb; ib++) {
+        const __m256i qy   = _mm256_loadu_si256((const __m256i *) y[ib].qs);
+        const __m256i corr = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(eights, qy));
+        const float   dy   = fp16_to_fp32(y[ib].d);
+        for (int r = 0; r < PI_DOT_ROWS; r++) {
+            const __m256i qx  = unpack_nibbles(x[r][ib].qs);
+            const __m256i dot = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(qx, qy));
+            const __m256  q   = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot, corr));
+            const __m256  d   = _mm256_set1_ps(fp16_to_fp32(x[r][ib].d) * dy);
+            acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+        }
+    }
+    for (int r = 0; r < PI_DOT_ROWS; r++) {
+        out[r] = hsum_float_8(acc[r]);
+    }
+}
+
+// Q8_0 x Q8_0: ggml's arithmetic per row, four rows interleaved.
+static void dot_rows_q8_0(int n, float * out, const char * rows, size_t row_stride, const void * vy) {
+    const int nb = n / PI_QK;
+    const pi_block_q8_0 * y = (const pi_block_q8_0 *) vy;
+    const pi_block_q8_0 * x[PI_DOT_ROWS];
+    for (int r = 0; r < PI_DOT_ROWS; r++) {
+        x[r] = (const pi_block_q8_0 *) (rows + r*row_stride);
+    }
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256 acc[PI_DOT_ROWS];
+    for (int r = 0; r < PI_DOT_ROWS; r++) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    for (int ib = 0; ib < nb; ib++) {
+        const __m256i qy = _mm256_loadu_si256((const __m256i *) y[ib].qs);
+        const float   dy = fp16_to_fp32(y[ib].d);
+        for (int r = 0; r < PI_DOT_ROWS; r++) {
+            const __m256i qx  = _mm256_loadu_si256((const __m256i *) x[r][ib].qs);
+            const __m256i ax  = _mm256_sign_epi8(qx, qx);
+            const __m256i sy  = _mm256_sign_epi8(qy, qx);
+            const __m256i dot = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(ax, sy));
+            const __m256  d   = _mm256_set1_ps(fp16_to_fp32(x[r][ib].d) * dy);
+            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[r]);
+        }
+    }
+    for (int r = 0; r < PI_DOT_ROWS; r++) {
+        out[r] = hsum_float_8(acc[r]);
+    }
+}
+
+pi_dot_rows_fn pi_dot_rows_kernel(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q4_0: return dot_rows_q4_0;
+        case GGML_TYPE_Q8_0: return dot_rows_q8_0;
+        default:             return nullptr;
+    }
+}
+
+#else
+
+pi_dot_rows_fn pi_dot_rows_kernel(enum ggml_type type) {
+    (void) type;
+    return nullptr;
+}
+
+#endif
