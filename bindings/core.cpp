@@ -1,7 +1,15 @@
 // powerinfer._core: registers the backend and exposes model slots to Python.
 #include "ggml-powerinfer.h"
 
+#include "pi-matmul.h"
+#include "pi-threadpool.h"
+
+#include "ggml-cpu.h"
+
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <vector>
 
 #include <cstdint>
 #include <string>
@@ -64,6 +72,56 @@ private:
     pi_model_slot_t slot_ = nullptr;
 };
 
+using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using u8_array  = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+// The backend's dense matmul on raw rows: for kernel tests.
+py::array_t<float> matmul(int type, u8_array w, int64_t n_in, int64_t n_out, f32_array x, int n_threads) {
+    const ggml_type t = (ggml_type) type;
+    if (t < 0 || t >= GGML_TYPE_COUNT || !pi_matmul_supports_type(t) || n_in % ggml_blck_size(t) != 0) {
+        throw py::value_error("unsupported weight type or row length");
+    }
+    const size_t row = ggml_row_size(t, n_in);
+    if ((size_t) w.size() != row * (size_t) n_out || x.ndim() != 2 || x.shape(1) != n_in) {
+        throw py::value_error("shape mismatch");
+    }
+    const int64_t n_cols = x.shape(0);
+    py::array_t<float> out({n_cols, n_out});
+    pi_matmul_args a;
+    a.w = (const char *) w.data(); a.w_stride = row; a.w_type = t; a.n_in = n_in; a.n_out = n_out;
+    a.x = x.data(); a.x_stride = n_in * sizeof(float); a.n_cols = n_cols;
+    a.dst = out.mutable_data(); a.dst_stride = n_out * sizeof(float);
+    std::vector<char> scratch;
+    pi_threadpool * pool = pi_threadpool_new(n_threads);
+    pi_matmul(pool, a, scratch);
+    pi_threadpool_free(pool);
+    return out;
+}
+
+// ggml's own arithmetic, row by row with vec_dot: the reference for the test above.
+py::array_t<float> matmul_vec_dot_reference(int type, u8_array w, int64_t n_in, int64_t n_out, f32_array x) {
+    const ggml_type t = (ggml_type) type;
+    const struct ggml_type_traits_cpu * tr = ggml_get_type_traits_cpu(t);
+    const ggml_type dt = tr->vec_dot_type;
+    const size_t row = ggml_row_size(t, n_in);
+    const int64_t n_cols = x.shape(0);
+    std::vector<char> xq(ggml_row_size(dt, n_in));
+    py::array_t<float> out({n_cols, n_out});
+    for (int64_t c = 0; c < n_cols; c++) {
+        const float * xc = x.data() + c * n_in;
+        const void * y = xc;
+        if (dt != GGML_TYPE_F32) {
+            ggml_get_type_traits_cpu(dt)->from_float(xc, xq.data(), n_in);
+            y = xq.data();
+        }
+        for (int64_t r = 0; r < n_out; r++) {
+            tr->vec_dot((int) n_in, out.mutable_data() + c * n_out + r, 0,
+                        (const char *) w.data() + r * row, 0, y, 0, 1);
+        }
+    }
+    return out;
+}
+
 } // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -88,6 +146,11 @@ PYBIND11_MODULE(_core, m) {
         }
         return names;
     }, "Names of the devices in the ggml registry this module is linked to.");
+
+    m.def("matmul", &matmul, py::arg("type"), py::arg("w"), py::arg("n_in"), py::arg("n_out"),
+          py::arg("x"), py::arg("n_threads") = 1, "The backend's dense matmul (for tests).");
+    m.def("matmul_vec_dot_reference", &matmul_vec_dot_reference, py::arg("type"), py::arg("w"),
+          py::arg("n_in"), py::arg("n_out"), py::arg("x"), "ggml's vec_dot row by row (for tests).");
 
     py::class_<ModelSlot>(m, "ModelSlot")
         .def(py::init<const std::string &, bool>(), py::arg("path"), py::arg("on_disk"))
