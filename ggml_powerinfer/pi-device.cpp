@@ -6,144 +6,17 @@
 // expands an accelerator's assignments to every adjacent op it says it supports.
 
 #include "ggml-powerinfer.h"
+#include "pi-compute.h"
 #include "pi-matmul.h"
 #include "pi-slot.h"
-#include "pi-log.h"
-#include "pi-threadpool.h"
 
 #include "ggml-backend-impl.h"
 #include "ggml-cpu.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <mutex>
-#include <string>
 #include <thread>
-#include <vector>
-
-static uint64_t now_ns() {
-    return (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(
-        std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-struct pi_backend_context {
-    int               n_threads = 1;
-    pi_threadpool *   pool      = nullptr;
-    std::vector<char> act_scratch;  // activations converted to the weights' vec_dot_type
-    pi_aligned_buf    weight_buf;   // disk-resident weights of the current op
-    std::vector<char> cpu_work;     // work buffer for ops run through ggml's CPU kernels
-    std::vector<char> graph_mem;    // memory of the one-node graphs handed to the CPU kernels
-};
-
-//
-// Compute
-//
-
-static enum ggml_status compute_mul_mat(pi_backend_context * ctx, struct ggml_tensor * dst) {
-    const struct ggml_tensor * w = dst->src[0];
-    const struct ggml_tensor * x = dst->src[1];
-    pi_model_slot * slot = pi_slot_of_tensor(w);
-
-    const char * w_data = (const char *) w->data;
-    if (slot->residency == PI_RESIDENCY_DISK) {
-        const pi_tensor_loc * loc = pi_disk_tensor_loc(w);
-        const size_t size = ggml_nbytes(w);
-        const uint64_t t0 = now_ns();
-        std::string err;
-        w_data = (const char *) pi_file_read(&slot->file, loc->offset, size, &ctx->weight_buf, &err);
-        if (w_data == nullptr) {
-            pi_log_error("reading %s failed: %s\n", w->name, err.c_str());
-            return GGML_STATUS_FAILED;
-        }
-        slot->counters.ffn_read_ns    += now_ns() - t0;
-        slot->counters.ffn_bytes_read += size;
-    }
-
-    pi_matmul_args args;
-    args.w          = w_data;
-    args.w_stride   = w->nb[1];
-    args.w_type     = w->type;
-    args.n_in       = w->ne[0];
-    args.n_out      = w->ne[1];
-    args.x          = (const float *) x->data;
-    args.x_stride   = x->nb[1];
-    args.n_cols     = x->ne[1];
-    args.dst        = (float *) dst->data;
-    args.dst_stride = dst->nb[1];
-    pi_matmul(ctx->pool, args, ctx->act_scratch);
-
-    slot->counters.ffn_matmuls++;
-    slot->counters.ffn_rows_computed += (uint64_t) (w->ne[1]*x->ne[1]);
-    return GGML_STATUS_SUCCESS;
-}
-
-// Element-wise ops (the activation) run through ggml's own CPU kernels, so they round exactly
-// like stock llama.cpp.
-static enum ggml_status compute_with_cpu_kernels(pi_backend_context * ctx, struct ggml_tensor * node) {
-    const size_t graph_size = ggml_graph_overhead_custom(1, false) + ggml_tensor_overhead();
-    if (ctx->graph_mem.size() < graph_size) {
-        ctx->graph_mem.resize(graph_size);
-    }
-    struct ggml_init_params params = { graph_size, ctx->graph_mem.data(), /*.no_alloc =*/ true };
-    struct ggml_context * gctx = ggml_init(params);
-    struct ggml_cgraph * graph = ggml_new_graph_custom(gctx, 1, false);
-    ggml_graph_add_node(graph, node);
-
-    // a decode-sized activation is cheaper on one thread than waking others
-    const int n_threads = ggml_nelements(node) >= 65536 ? ctx->n_threads : 1;
-    struct ggml_cplan plan = ggml_graph_plan(graph, n_threads, nullptr);
-    if (plan.work_size > 0) {
-        if (ctx->cpu_work.size() < plan.work_size) {
-            ctx->cpu_work.resize(plan.work_size);
-        }
-        plan.work_data = (uint8_t *) ctx->cpu_work.data();
-    }
-    enum ggml_status status = ggml_graph_compute(graph, &plan);
-    ggml_free(gctx);
-    return status;
-}
-
-static enum ggml_status pi_backend_graph_compute(ggml_backend_t backend, struct ggml_cgraph * cgraph) {
-    pi_backend_context * ctx = (pi_backend_context *) backend->context;
-    const uint64_t t0 = now_ns();
-    pi_model_slot * slot = nullptr;
-    int64_t n_tokens = 0;
-
-    for (int i = 0; i < ggml_graph_n_nodes(cgraph); i++) {
-        struct ggml_tensor * node = ggml_graph_node(cgraph, i);
-        if ((node->flags & GGML_TENSOR_FLAG_COMPUTE) == 0) {
-            continue;
-        }
-        enum ggml_status status = GGML_STATUS_SUCCESS;
-        switch (node->op) {
-            case GGML_OP_NONE:
-            case GGML_OP_RESHAPE:
-            case GGML_OP_VIEW:
-            case GGML_OP_PERMUTE:
-            case GGML_OP_TRANSPOSE:
-                break;
-            case GGML_OP_MUL_MAT:
-                slot     = pi_slot_of_tensor(node->src[0]);
-                n_tokens = node->src[1]->ne[1];
-                status   = compute_mul_mat(ctx, node);
-                break;
-            default:
-                status = compute_with_cpu_kernels(ctx, node);
-                break;
-        }
-        if (status != GGML_STATUS_SUCCESS) {
-            return status;
-        }
-    }
-
-    if (slot != nullptr) {
-        slot->counters.ffn_graphs++;
-        slot->counters.ffn_tokens += (uint64_t) n_tokens;
-        slot->counters.ffn_ns     += now_ns() - t0;
-    }
-    return GGML_STATUS_SUCCESS;
-}
 
 static const char * pi_backend_get_name(ggml_backend_t backend) {
     return "PowerInfer";
@@ -151,11 +24,12 @@ static const char * pi_backend_get_name(ggml_backend_t backend) {
 }
 
 static void pi_backend_free(ggml_backend_t backend) {
-    pi_backend_context * ctx = (pi_backend_context *) backend->context;
-    pi_threadpool_free(ctx->pool);
-    pi_aligned_buf_free(&ctx->weight_buf);
-    delete ctx;
+    pi_compute_context_free((pi_compute_context *) backend->context);
     delete backend;
+}
+
+static enum ggml_status pi_backend_graph_compute(ggml_backend_t backend, struct ggml_cgraph * cgraph) {
+    return pi_compute_graph((pi_compute_context *) backend->context, cgraph);
 }
 
 static struct ggml_backend_i pi_backend_i = {
@@ -186,14 +60,7 @@ static void pi_backend_set_n_threads(ggml_backend_t backend, int n_threads) {
     if (backend == nullptr || !ggml_guid_matches(backend->guid, pi_backend_guid())) {
         return;
     }
-    pi_backend_context * ctx = (pi_backend_context *) backend->context;
-    n_threads = n_threads < 1 ? 1 : n_threads;
-    if (ctx->pool != nullptr && ctx->n_threads == n_threads) {
-        return;
-    }
-    pi_threadpool_free(ctx->pool);
-    ctx->pool      = pi_threadpool_new(n_threads);
-    ctx->n_threads = n_threads;
+    pi_compute_set_n_threads((pi_compute_context *) backend->context, n_threads);
 }
 
 //
@@ -237,7 +104,7 @@ static void pi_device_get_props(ggml_backend_dev_t dev, struct ggml_backend_dev_
 }
 
 static ggml_backend_t pi_device_init_backend(ggml_backend_dev_t dev, const char * params) {
-    pi_backend_context * ctx = new pi_backend_context;
+    pi_compute_context * ctx = pi_compute_context_new();
     ggml_backend_t backend = new ggml_backend {
         /* .guid    = */ pi_backend_guid(),
         /* .iface   = */ pi_backend_i,

@@ -113,6 +113,10 @@ class Llama(llama_cpp.Llama):
             params.tensor_buft_overrides = ctypes.cast(self._pi_overrides, ctypes.c_void_p)
             params.use_extra_bufts = use_extra_bufts
 
+        # The FFN is copied into the backend (RAM) or not held at all (disk); with mmap,
+        # llama.cpp maps and prefaults the whole file, which would keep the FFN resident a
+        # second time. Without it the rest of the model is read into memory once, as with mmap.
+        kwargs.setdefault("use_mmap", False)
         try:
             with _model_params_hook(route_ffn):
                 super().__init__(model_path, **kwargs)

@@ -1,0 +1,182 @@
+#include "pi-compute.h"
+
+#include "pi-log.h"
+#include "pi-matmul.h"
+#include "pi-slot.h"
+#include "pi-threadpool.h"
+
+#include "ggml-cpu.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+// Batches of this many tokens or more are multiplied by ggml's CPU kernels (llamafile sgemm,
+// tiled K-quants): for prompts those are faster than row dot products, and they are exactly
+// what stock llama.cpp runs. Single tokens take the backend's own kernels.
+static const int64_t PI_MIN_BATCH_FOR_CPU_KERNELS = 2;
+
+struct pi_compute_context {
+    int               n_threads = 1;
+    pi_threadpool *   pool      = nullptr;
+    std::vector<char> act_scratch;  // activations converted to the weights' vec_dot_type
+    pi_aligned_buf    weight_buf;   // disk-resident weights of the current op
+    std::vector<char> cpu_work;     // work buffer for ops run through ggml's CPU kernels
+    std::vector<char> graph_mem;    // memory of the one-node graphs handed to the CPU kernels
+};
+
+static uint64_t now_ns() {
+    return (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+pi_compute_context * pi_compute_context_new(void) {
+    pi_compute_context * ctx = new pi_compute_context;
+    // llama.cpp sets the real count through ggml_backend_set_n_threads before computing
+    pi_compute_set_n_threads(ctx, (int) std::max(1u, std::thread::hardware_concurrency()));
+    return ctx;
+}
+
+void pi_compute_context_free(pi_compute_context * ctx) {
+    pi_threadpool_free(ctx->pool);
+    pi_aligned_buf_free(&ctx->weight_buf);
+    delete ctx;
+}
+
+void pi_compute_set_n_threads(pi_compute_context * ctx, int n_threads) {
+    n_threads = n_threads < 1 ? 1 : n_threads;
+    if (ctx->pool != nullptr && ctx->n_threads == n_threads) {
+        return;
+    }
+    pi_threadpool_free(ctx->pool);
+    ctx->pool      = pi_threadpool_new(n_threads);
+    ctx->n_threads = n_threads;
+}
+
+// Runs one node with ggml's CPU kernels on a one-node graph.
+static enum ggml_status compute_with_cpu_kernels(pi_compute_context * ctx, struct ggml_tensor * node, int n_threads) {
+    const size_t graph_size = ggml_graph_overhead_custom(1, false) + ggml_tensor_overhead();
+    if (ctx->graph_mem.size() < graph_size) {
+        ctx->graph_mem.resize(graph_size);
+    }
+    struct ggml_init_params params = { graph_size, ctx->graph_mem.data(), /*.no_alloc =*/ true };
+    struct ggml_context * gctx = ggml_init(params);
+    struct ggml_cgraph * graph = ggml_new_graph_custom(gctx, 1, false);
+    ggml_graph_add_node(graph, node);
+
+    struct ggml_cplan plan = ggml_graph_plan(graph, n_threads, nullptr);
+    if (plan.work_size > 0) {
+        if (ctx->cpu_work.size() < plan.work_size) {
+            ctx->cpu_work.resize(plan.work_size);
+        }
+        plan.work_data = (uint8_t *) ctx->cpu_work.data();
+    }
+    enum ggml_status status = ggml_graph_compute(graph, &plan);
+    ggml_free(gctx);
+    return status;
+}
+
+// Pointer to the weight bytes of an op: in place for RAM slots, read for disk slots.
+static const char * weight_data(pi_compute_context * ctx, pi_model_slot * slot, const struct ggml_tensor * w) {
+    if (slot->residency == PI_RESIDENCY_RAM) {
+        return (const char *) w->data;
+    }
+    const pi_tensor_loc * loc = pi_disk_tensor_loc(w);
+    const size_t size = ggml_nbytes(w);
+    const uint64_t t0 = now_ns();
+    std::string err;
+    const char * data = (const char *) pi_file_read(&slot->file, loc->offset, size, &ctx->weight_buf, &err);
+    if (data == nullptr) {
+        pi_log_error("reading %s failed: %s\n", w->name, err.c_str());
+        return nullptr;
+    }
+    slot->counters.ffn_read_ns    += now_ns() - t0;
+    slot->counters.ffn_bytes_read += size;
+    return data;
+}
+
+static enum ggml_status compute_mul_mat(pi_compute_context * ctx, struct ggml_tensor * dst) {
+    const struct ggml_tensor * w = dst->src[0];
+    const struct ggml_tensor * x = dst->src[1];
+    pi_model_slot * slot = pi_slot_of_tensor(w);
+
+    const char * w_data = weight_data(ctx, slot, w);
+    if (w_data == nullptr) {
+        return GGML_STATUS_FAILED;
+    }
+    slot->counters.ffn_matmuls++;
+    slot->counters.ffn_rows_computed += (uint64_t) (w->ne[1]*x->ne[1]);
+
+    if (x->ne[1] >= PI_MIN_BATCH_FOR_CPU_KERNELS) {
+        // the CPU kernels see a plain host tensor: a copy of the weight's header pointing at
+        // the bytes (the copy has no buffer, so no repacked layout is assumed)
+        struct ggml_tensor w_host = *w;
+        w_host.data   = (void *) w_data;
+        w_host.buffer = nullptr;
+        w_host.extra  = nullptr;
+        struct ggml_tensor op = *dst;
+        op.src[0] = &w_host;
+        return compute_with_cpu_kernels(ctx, &op, ctx->n_threads);
+    }
+
+    pi_matmul_args args;
+    args.w          = w_data;
+    args.w_stride   = w->nb[1];
+    args.w_type     = w->type;
+    args.n_in       = w->ne[0];
+    args.n_out      = w->ne[1];
+    args.x          = (const float *) x->data;
+    args.x_stride   = x->nb[1];
+    args.n_cols     = x->ne[1];
+    args.dst        = (float *) dst->data;
+    args.dst_stride = dst->nb[1];
+    pi_matmul(ctx->pool, args, ctx->act_scratch);
+    return GGML_STATUS_SUCCESS;
+}
+
+enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph * cgraph) {
+    const uint64_t t0 = now_ns();
+    pi_model_slot * slot = nullptr;
+    int64_t n_tokens = 0;
+
+    for (int i = 0; i < ggml_graph_n_nodes(cgraph); i++) {
+        struct ggml_tensor * node = ggml_graph_node(cgraph, i);
+        if ((node->flags & GGML_TENSOR_FLAG_COMPUTE) == 0) {
+            continue;
+        }
+        enum ggml_status status = GGML_STATUS_SUCCESS;
+        switch (node->op) {
+            case GGML_OP_NONE:
+            case GGML_OP_RESHAPE:
+            case GGML_OP_VIEW:
+            case GGML_OP_PERMUTE:
+            case GGML_OP_TRANSPOSE:
+                break;
+            case GGML_OP_MUL_MAT:
+                slot     = pi_slot_of_tensor(node->src[0]);
+                n_tokens = node->src[1]->ne[1];
+                status   = compute_mul_mat(ctx, node);
+                break;
+            default: {
+                // the activation, through ggml's kernels so it rounds exactly like stock;
+                // a decode-sized one is cheaper on one thread than waking others
+                const int n_threads = ggml_nelements(node) >= 65536 ? ctx->n_threads : 1;
+                status = compute_with_cpu_kernels(ctx, node, n_threads);
+                break;
+            }
+        }
+        if (status != GGML_STATUS_SUCCESS) {
+            return status;
+        }
+    }
+
+    if (slot != nullptr) {
+        slot->counters.ffn_graphs++;
+        slot->counters.ffn_tokens += (uint64_t) n_tokens;
+        slot->counters.ffn_ns     += now_ns() - t0;
+    }
+    return GGML_STATUS_SUCCESS;
+}
