@@ -66,7 +66,7 @@ static void dot_rows_q4_0(int n, float * out, const char * rows, size_t row_stri
     }
 }
 
-// Q8_0 x Q8_0: ggml's arithmetic per row, four rows interleaved.
+// Q8_0 x Q8_0: ggml's arithmetic per row, rows interleaved.
 static void dot_rows_q8_0(int n, float * out, const char * rows, size_t row_stride, const void * vy) {
     const int nb = n / PI_QK;
     const pi_block_q8_0 * y = (const pi_block_q8_0 *) vy;

@@ -1,6 +1,6 @@
 // Dot products of several weight rows with one activation row, for the types where ggml's
 // one-row vec_dot is latency-bound: its loop carries one FMA chain, so a row costs at least
-// four cycles per block. Four rows at once run four chains and share the activation loads.
+// four cycles per block. Eight rows at once run eight chains and share the activation loads.
 //
 // The results are bit-identical to ggml's vec_dot for the same row: every row keeps the same
 // per-block integer lanes, the same FMA sequence and the same final horizontal sum.
@@ -11,7 +11,7 @@
 #include <cstddef>
 
 // Rows handled by one call of a group kernel.
-constexpr int PI_DOT_ROWS = 4;
+constexpr int PI_DOT_ROWS = 8;
 
 // out[r] = dot(row r, y) for r in [0, PI_DOT_ROWS); rows are `row_stride` bytes apart and y is
 // the activation already converted to the type's vec_dot_type.
