@@ -70,28 +70,26 @@ def _worker(mode: str, model: str, threads: int, n_prompt: int, n_gen: int, reps
     def tokens(n: int) -> list[int]:
         return [int(t) for t in rng.integers(min(300, n_vocab - 1), n_vocab, size=n)]
 
+    def speeds(n: int, one_at_a_time: bool) -> list[float]:
+        out = []
+        for _ in range(reps):
+            batch = tokens(n)
+            llm._ctx.kv_cache_clear()
+            t0 = time.perf_counter()
+            if one_at_a_time:
+                for i, tok in enumerate(batch):
+                    _decode(llm, [tok], i)
+            else:
+                _decode(llm, batch, 0)
+            out.append(n / (time.perf_counter() - t0))
+        return out
+
     _decode(llm, tokens(min(8, n_ctx)), 0)  # warm-up
-    llm._ctx.kv_cache_clear()
     result: dict[str, list[float]] = {}
     if n_prompt > 0:
-        speeds = []
-        for _ in range(reps):
-            prompt = tokens(n_prompt)
-            llm._ctx.kv_cache_clear()
-            t0 = time.perf_counter()
-            _decode(llm, prompt, 0)
-            speeds.append(n_prompt / (time.perf_counter() - t0))
-        result[f"pp{n_prompt}"] = speeds
+        result[f"pp{n_prompt}"] = speeds(n_prompt, one_at_a_time=False)
     if n_gen > 0:
-        speeds = []
-        for _ in range(reps):
-            gen = tokens(n_gen)
-            llm._ctx.kv_cache_clear()
-            t0 = time.perf_counter()
-            for i, tok in enumerate(gen):
-                _decode(llm, [tok], i)
-            speeds.append(n_gen / (time.perf_counter() - t0))
-        result[f"tg{n_gen}"] = speeds
+        result[f"tg{n_gen}"] = speeds(n_gen, one_at_a_time=True)
     stats = llm.powerinfer_stats() if hasattr(llm, "powerinfer_stats") else None
     llm.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
