@@ -22,9 +22,9 @@ namespace {
 // tensor_buft_overrides; the slot outlives this handle while llama.cpp holds buffers of it.
 class ModelSlot {
 public:
-    ModelSlot(const std::string & path, bool on_disk) {
+    ModelSlot(const std::string & path, bool on_disk, bool repack) {
         char err[1024] = {0};
-        slot_ = pi_model_slot_new(path.c_str(), on_disk ? PI_RESIDENCY_DISK : PI_RESIDENCY_RAM, err, sizeof(err));
+        slot_ = pi_model_slot_new(path.c_str(), on_disk ? PI_RESIDENCY_DISK : PI_RESIDENCY_RAM, repack, err, sizeof(err));
         if (slot_ == nullptr) {
             throw py::value_error(err);
         }
@@ -153,7 +153,8 @@ PYBIND11_MODULE(_core, m) {
           py::arg("n_in"), py::arg("n_out"), py::arg("x"), "ggml's vec_dot row by row (for tests).");
 
     py::class_<ModelSlot>(m, "ModelSlot")
-        .def(py::init<const std::string &, bool>(), py::arg("path"), py::arg("on_disk"))
+        .def(py::init<const std::string &, bool, bool>(), py::arg("path"), py::arg("on_disk"),
+             py::arg("repack") = true)
         .def_property_readonly("buft_address", &ModelSlot::buft_address)
         .def_property_readonly("direct_io", &ModelSlot::direct_io)
         .def("stats", &ModelSlot::stats)

@@ -40,18 +40,19 @@ typedef struct pi_model_slot * pi_model_slot_t;
 // Returns false and fills err (if not NULL) otherwise.
 GGML_BACKEND_API bool pi_check_gguf(const char * path, char * err, size_t err_size);
 
-// Create a slot for the GGUF at `path`. For PI_RESIDENCY_DISK the file is indexed now, so a
-// later tensor whose name the file does not hold fails at load time, not at compute time.
-// Returns NULL and fills err (if not NULL) on failure.
+// Create a slot for the GGUF at `path`. The file is indexed now, so a tensor whose name the
+// file does not hold fails at load time, not at compute time. With `repack`, RAM weights that
+// ggml's CPU backend would repack for stock llama.cpp (use_extra_bufts) are repacked the same
+// way. Returns NULL and fills err (if not NULL) on failure.
 GGML_BACKEND_API pi_model_slot_t pi_model_slot_new(const char * path, enum pi_residency residency,
-                                                   char * err, size_t err_size);
+                                                   bool repack, char * err, size_t err_size);
 // Drop the caller's reference. The slot lives on while buffers allocated from it exist.
 GGML_BACKEND_API void pi_model_slot_release(pi_model_slot_t slot);
 
 GGML_BACKEND_API ggml_backend_buffer_type_t pi_model_slot_buft(pi_model_slot_t slot);
 GGML_BACKEND_API void pi_model_slot_get_stats(pi_model_slot_t slot, struct pi_stats * out);
 GGML_BACKEND_API void pi_model_slot_reset_stats(pi_model_slot_t slot);
-// Bytes of weight data held in buffers of this slot (RAM mode) or 0 (disk mode).
+// Bytes of memory holding this slot's weights (RAM mode) or 0 (disk mode).
 GGML_BACKEND_API size_t pi_model_slot_resident_bytes(pi_model_slot_t slot);
 // Bytes of weight tensors assigned to this slot (both modes).
 GGML_BACKEND_API size_t pi_model_slot_weight_bytes(pi_model_slot_t slot);

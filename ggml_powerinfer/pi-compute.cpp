@@ -16,7 +16,8 @@
 
 // Batches of this many tokens or more are multiplied by ggml's CPU kernels (llamafile sgemm,
 // tiled K-quants): for prompts those are faster than row dot products, and they are exactly
-// what stock llama.cpp runs. Single tokens take the backend's own kernels.
+// what stock llama.cpp runs. So are weights the CPU backend repacked (RAM slots, as stock
+// does by default). Single tokens on plain weights take the backend's own kernels.
 static const int64_t PI_MIN_BATCH_FOR_CPU_KERNELS = 2;
 
 struct pi_compute_context {
@@ -79,23 +80,30 @@ static enum ggml_status compute_with_cpu_kernels(pi_compute_context * ctx, struc
     return status;
 }
 
-// Pointer to the weight bytes of an op: in place for RAM slots, read for disk slots.
-static const char * weight_data(pi_compute_context * ctx, pi_model_slot * slot, const struct ggml_tensor * w) {
+// The weight of an op as a host tensor the kernels can read. RAM slots keep one, possibly
+// repacked by ggml's CPU backend; for disk slots the bytes are read into scratch and `tmp`
+// describes them.
+static const struct ggml_tensor * host_weight(pi_compute_context * ctx, pi_model_slot * slot,
+                                              const struct ggml_tensor * w, struct ggml_tensor * tmp) {
     if (slot->residency == PI_RESIDENCY_RAM) {
-        return (const char *) w->data;
+        return pi_ram_host_tensor(w);
     }
     const pi_tensor_loc * loc = pi_disk_tensor_loc(w);
     const size_t size = ggml_nbytes(w);
     const uint64_t t0 = now_ns();
     std::string err;
-    const char * data = (const char *) pi_file_read(&slot->file, loc->offset, size, &ctx->weight_buf, &err);
+    const void * data = pi_file_read(&slot->file, loc->offset, size, &ctx->weight_buf, &err);
     if (data == nullptr) {
         pi_log_error("reading %s failed: %s\n", w->name, err.c_str());
         return nullptr;
     }
     slot->counters.ffn_read_ns    += now_ns() - t0;
     slot->counters.ffn_bytes_read += size;
-    return data;
+    *tmp = *w;
+    tmp->data   = (void *) data;
+    tmp->buffer = nullptr;
+    tmp->extra  = nullptr;
+    return tmp;
 }
 
 static enum ggml_status compute_mul_mat(pi_compute_context * ctx, struct ggml_tensor * dst) {
@@ -103,31 +111,27 @@ static enum ggml_status compute_mul_mat(pi_compute_context * ctx, struct ggml_te
     const struct ggml_tensor * x = dst->src[1];
     pi_model_slot * slot = pi_slot_of_tensor(w);
 
-    const char * w_data = weight_data(ctx, slot, w);
-    if (w_data == nullptr) {
+    struct ggml_tensor tmp;
+    const struct ggml_tensor * host = host_weight(ctx, slot, w, &tmp);
+    if (host == nullptr) {
         return GGML_STATUS_FAILED;
     }
     slot->counters.ffn_matmuls++;
     slot->counters.ffn_rows_computed += (uint64_t) (w->ne[1]*x->ne[1]);
 
-    if (x->ne[1] >= PI_MIN_BATCH_FOR_CPU_KERNELS) {
-        // the CPU kernels see a plain host tensor: a copy of the weight's header pointing at
-        // the bytes (the copy has no buffer, so no repacked layout is assumed)
-        struct ggml_tensor w_host = *w;
-        w_host.data   = (void *) w_data;
-        w_host.buffer = nullptr;
-        w_host.extra  = nullptr;
+    const bool repacked = host->buffer != nullptr && host->buffer->buft != ggml_backend_cpu_buffer_type();
+    if (repacked || x->ne[1] >= PI_MIN_BATCH_FOR_CPU_KERNELS) {
         struct ggml_tensor op = *dst;
-        op.src[0] = &w_host;
+        op.src[0] = (struct ggml_tensor *) host;
         return compute_with_cpu_kernels(ctx, &op, ctx->n_threads);
     }
 
     pi_matmul_args args;
-    args.w          = w_data;
-    args.w_stride   = w->nb[1];
-    args.w_type     = w->type;
-    args.n_in       = w->ne[0];
-    args.n_out      = w->ne[1];
+    args.w          = (const char *) host->data;
+    args.w_stride   = host->nb[1];
+    args.w_type     = host->type;
+    args.n_in       = host->ne[0];
+    args.n_out      = host->ne[1];
     args.x          = (const float *) x->data;
     args.x_stride   = x->nb[1];
     args.n_cols     = x->ne[1];

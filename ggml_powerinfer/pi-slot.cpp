@@ -1,9 +1,12 @@
 #include "pi-slot.h"
 #include "pi-log.h"
 
+#include "ggml-cpu.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <sys/mman.h>
+#include <vector>
 
 // Tensor data alignment inside our buffers: matches the CPU backend, and keeps rows aligned for
 // the vector kernels.
@@ -16,54 +19,163 @@ static void slot_unref(pi_model_slot * slot) {
     }
 }
 
+// get_tensor cannot fail in ggml's interface: on a read error report it and return zeros,
+// never garbage.
+static void read_from_model_file(pi_model_slot * slot, const struct ggml_tensor * tensor, void * data, size_t offset, size_t size) {
+    auto it = slot->file.tensors.find(tensor->name);
+    pi_aligned_buf tmp;
+    std::string err = "not in the model file";
+    const void * src = it == slot->file.tensors.end() ? nullptr :
+        pi_file_read(&slot->file, it->second.offset + offset, size, &tmp, &err);
+    if (src == nullptr) {
+        pi_log_error("cannot read %s: %s\n", tensor->name, err.c_str());
+        memset(data, 0, size);
+    } else {
+        memcpy(data, src, size);
+    }
+    pi_aligned_buf_free(&tmp);
+}
+
 //
-// RAM buffer: weights copied into anonymous memory
+// RAM buffer: each weight is stored the way ggml's CPU backend would store it for stock
+// llama.cpp, in a CPU buffer of its own: repacked into interleaved blocks (CPU_REPACK) where the
+// CPU backend supports that for the weight and the slot allows it, plain otherwise. The slot's
+// buffer itself only reserves address space, so that ggml can lay the tensors out.
 //
 
-struct pi_ram_buffer {
-    pi_model_slot * slot;
-    void *          data;
-    size_t          size;
+struct pi_ram_tensor {
+    struct ggml_tensor    host; // the weight as the CPU kernels see it
+    ggml_backend_buffer_t buf;
 };
+
+struct pi_ram_buffer {
+    pi_model_slot *              slot;
+    void *                       base;
+    size_t                       size;
+    std::vector<pi_ram_tensor *> tensors;
+};
+
+static ggml_backend_dev_t cpu_device(void) {
+    static ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    return dev;
+}
+
+// The CPU backend's extra buffer types (weight repacking), NULL-terminated, or nullptr.
+static ggml_backend_buffer_type_t * cpu_extra_bufts(void) {
+    static ggml_backend_buffer_type_t * bufts = [] {
+        ggml_backend_dev_t dev = cpu_device();
+        if (dev == nullptr) {
+            return (ggml_backend_buffer_type_t *) nullptr;
+        }
+        auto get = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
+            ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
+        return get ? get(dev) : nullptr;
+    }();
+    return bufts;
+}
+
+// Whether the CPU backend would multiply by `w` from a buffer of type `buft` (the test
+// llama.cpp's loader makes before placing a weight in an extra buffer type).
+static bool cpu_supports_weight_in(ggml_backend_buffer_type_t buft, const struct ggml_tensor * w) {
+    struct ggml_init_params params = { 3*ggml_tensor_overhead(), nullptr, /*.no_alloc =*/ true };
+    struct ggml_context * ctx = ggml_init(params);
+    struct ggml_tensor * wc = ggml_new_tensor_2d(ctx, w->type, w->ne[0], w->ne[1]);
+    struct ggml_tensor * x  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 512);
+    struct ggml_tensor * op = ggml_mul_mat(ctx, wc, x);
+    wc->buffer = ggml_backend_buft_alloc_buffer(buft, 0);
+    const bool ok = wc->buffer != nullptr && ggml_backend_dev_supports_op(cpu_device(), op);
+    if (wc->buffer != nullptr) {
+        ggml_backend_buffer_free(wc->buffer);
+    }
+    ggml_free(ctx);
+    return ok;
+}
+
+static ggml_backend_buffer_type_t choose_cpu_buft(const pi_model_slot * slot, const struct ggml_tensor * w) {
+    ggml_backend_buffer_type_t * extra = slot->repack && ggml_n_dims(w) == 2 ? cpu_extra_bufts() : nullptr;
+    for (; extra != nullptr && *extra != nullptr; extra++) {
+        if (cpu_supports_weight_in(*extra, w)) {
+            return *extra;
+        }
+    }
+    return ggml_backend_cpu_buffer_type();
+}
 
 static void ram_buffer_free(ggml_backend_buffer_t buffer) {
     pi_ram_buffer * ctx = (pi_ram_buffer *) buffer->context;
-    ctx->slot->resident_bytes -= ctx->size;
-    free(ctx->data);
+    for (pi_ram_tensor * t : ctx->tensors) {
+        ctx->slot->resident_bytes -= ggml_backend_buffer_get_size(t->buf);
+        ggml_backend_buffer_free(t->buf);
+        delete t;
+    }
+    munmap(ctx->base, ctx->size);
     slot_unref(ctx->slot);
     delete ctx;
 }
 
 static void * ram_buffer_get_base(ggml_backend_buffer_t buffer) {
-    return ((pi_ram_buffer *) buffer->context)->data;
+    return ((pi_ram_buffer *) buffer->context)->base;
 }
 
 static enum ggml_status ram_buffer_init_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor) {
     pi_ram_buffer * ctx = (pi_ram_buffer *) buffer->context;
-    if (tensor->view_src == nullptr) {
-        ctx->slot->weight_bytes += ggml_nbytes(tensor);
+    if (tensor->view_src != nullptr) {
+        pi_log_error("views of weights are not supported (%s)\n", tensor->name);
+        return GGML_STATUS_FAILED;
     }
+    ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(choose_cpu_buft(ctx->slot, tensor), ggml_nbytes(tensor));
+    if (buf == nullptr) {
+        pi_log_error("cannot allocate %zu bytes for %s\n", ggml_nbytes(tensor), tensor->name);
+        return GGML_STATUS_ALLOC_FAILED;
+    }
+    pi_ram_tensor * t = new pi_ram_tensor;
+    t->host          = *tensor;
+    t->host.buffer   = nullptr;
+    t->host.data     = nullptr;
+    t->host.extra    = nullptr;
+    t->buf           = buf;
+    enum ggml_status status = ggml_backend_tensor_alloc(buf, &t->host, ggml_backend_buffer_get_base(buf));
+    if (status != GGML_STATUS_SUCCESS) {
+        ggml_backend_buffer_free(buf);
+        delete t;
+        return status;
+    }
+    ctx->tensors.push_back(t);
+    tensor->extra = t;
+    ctx->slot->weight_bytes   += ggml_nbytes(tensor);
+    ctx->slot->resident_bytes += ggml_backend_buffer_get_size(buf);
     return GGML_STATUS_SUCCESS;
 }
 
 static void ram_buffer_memset_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor, uint8_t value, size_t offset, size_t size) {
-    memset((char *) tensor->data + offset, value, size);
+    ggml_backend_tensor_memset(pi_ram_host_tensor(tensor), value, offset, size);
     GGML_UNUSED(buffer);
 }
 
 static void ram_buffer_set_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor, const void * data, size_t offset, size_t size) {
-    memcpy((char *) tensor->data + offset, data, size);
+    struct ggml_tensor * host = pi_ram_host_tensor(tensor);
+    if (host->buffer->buft != ggml_backend_cpu_buffer_type() && (offset != 0 || size != ggml_nbytes(tensor))) {
+        // a repacked weight can only be written whole; llama.cpp's loader always does that
+        pi_log_error("partial write of repacked weight %s refused\n", tensor->name);
+        return;
+    }
+    ggml_backend_tensor_set(host, data, offset, size);
     GGML_UNUSED(buffer);
 }
 
 static void ram_buffer_get_tensor(ggml_backend_buffer_t buffer, const struct ggml_tensor * tensor, void * data, size_t offset, size_t size) {
-    memcpy(data, (const char *) tensor->data + offset, size);
-    GGML_UNUSED(buffer);
+    pi_ram_buffer * ctx = (pi_ram_buffer *) buffer->context;
+    struct ggml_tensor * host = pi_ram_host_tensor(tensor);
+    if (host->buffer->buft == ggml_backend_cpu_buffer_type()) {
+        ggml_backend_tensor_get(host, data, offset, size);
+        return;
+    }
+    // repacked bytes are not the file's: read the original from the model file
+    read_from_model_file(ctx->slot, tensor, data, offset, size);
 }
 
 static void ram_buffer_clear(ggml_backend_buffer_t buffer, uint8_t value) {
-    pi_ram_buffer * ctx = (pi_ram_buffer *) buffer->context;
-    memset(ctx->data, value, ctx->size);
+    GGML_UNUSED(buffer); GGML_UNUSED(value); // weights are never cleared
 }
 
 static const struct ggml_backend_buffer_i pi_ram_buffer_i = {
@@ -131,19 +243,7 @@ static void disk_buffer_set_tensor(ggml_backend_buffer_t buffer, struct ggml_ten
 }
 
 static void disk_buffer_get_tensor(ggml_backend_buffer_t buffer, const struct ggml_tensor * tensor, void * data, size_t offset, size_t size) {
-    pi_disk_buffer * ctx = (pi_disk_buffer *) buffer->context;
-    const pi_tensor_loc * loc = pi_disk_tensor_loc(tensor);
-    pi_aligned_buf tmp;
-    std::string err;
-    const void * src = loc ? pi_file_read(&ctx->slot->file, loc->offset + offset, size, &tmp, &err) : nullptr;
-    if (src == nullptr) {
-        // get_tensor cannot fail in ggml's interface: report and return zeros, never garbage
-        pi_log_error("cannot read %s: %s\n", tensor->name, err.c_str());
-        memset(data, 0, size);
-    } else {
-        memcpy(data, src, size);
-    }
-    pi_aligned_buf_free(&tmp);
+    read_from_model_file(((pi_disk_buffer *) buffer->context)->slot, tensor, data, offset, size);
 }
 
 static void disk_buffer_clear(ggml_backend_buffer_t buffer, uint8_t value) {
@@ -174,27 +274,20 @@ static const char * slot_buft_get_name(ggml_backend_buffer_type_t buft) {
 
 static ggml_backend_buffer_t slot_buft_alloc_buffer(ggml_backend_buffer_type_t buft, size_t size) {
     pi_model_slot * slot = (pi_model_slot *) buft->context;
-    // ggml asks for 0-byte dummy buffers when probing support: give them one page
+    // ggml asks for 0-byte dummy buffers when probing support
     const size_t alloc_size = size == 0 ? PI_TENSOR_ALIGN : (size + PI_TENSOR_ALIGN - 1) / PI_TENSOR_ALIGN * PI_TENSOR_ALIGN;
-
-    if (slot->residency == PI_RESIDENCY_RAM) {
-        void * data = nullptr;
-        if (posix_memalign(&data, PI_TENSOR_ALIGN, alloc_size) != 0) {
-            pi_log_error("cannot allocate %zu bytes for %s\n", size, slot->buft_name.c_str());
-            return nullptr;
-        }
-        slot->refs++;
-        slot->resident_bytes += alloc_size;
-        pi_ram_buffer * ctx = new pi_ram_buffer{ slot, data, alloc_size };
-        return ggml_backend_buffer_init(buft, pi_ram_buffer_i, ctx, size);
-    }
-
+    // both kinds only reserve address space: the bytes live in per-weight CPU buffers (RAM)
+    // or stay in the file (disk); touching the reservation faults, which would be a bug
     void * base = mmap(nullptr, alloc_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED) {
         pi_log_error("cannot reserve %zu bytes of address space\n", size);
         return nullptr;
     }
     slot->refs++;
+    if (slot->residency == PI_RESIDENCY_RAM) {
+        pi_ram_buffer * ctx = new pi_ram_buffer{ slot, base, alloc_size, {} };
+        return ggml_backend_buffer_init(buft, pi_ram_buffer_i, ctx, size);
+    }
     pi_disk_buffer * ctx = new pi_disk_buffer{ slot, base, alloc_size };
     return ggml_backend_buffer_init(buft, pi_disk_buffer_i, ctx, size);
 }
@@ -205,8 +298,9 @@ static size_t slot_buft_get_alignment(ggml_backend_buffer_type_t buft) {
 }
 
 static bool slot_buft_is_host(ggml_backend_buffer_type_t buft) {
-    // RAM weights use the standard layout in host memory, so the CPU backend may read them too
-    return ((pi_model_slot *) buft->context)->residency == PI_RESIDENCY_RAM;
+    // the buffer's own address range holds no data: the loader must go through set_tensor
+    return false;
+    GGML_UNUSED(buft);
 }
 
 static const struct ggml_backend_buffer_type_i pi_slot_buft_i = {
@@ -234,23 +328,26 @@ const pi_tensor_loc * pi_disk_tensor_loc(const struct ggml_tensor * t) {
     return (const pi_tensor_loc *) t->extra;
 }
 
+struct ggml_tensor * pi_ram_host_tensor(const struct ggml_tensor * t) {
+    return &((pi_ram_tensor *) t->extra)->host;
+}
+
 //
 // Public slot API
 //
 
-pi_model_slot_t pi_model_slot_new(const char * path, enum pi_residency residency, char * err, size_t err_size) {
+pi_model_slot_t pi_model_slot_new(const char * path, enum pi_residency residency, bool repack, char * err, size_t err_size) {
     pi_model_slot * slot = new pi_model_slot;
     slot->path      = path;
     slot->residency = residency;
-    if (residency == PI_RESIDENCY_DISK) {
-        std::string why;
-        if (!pi_file_open(&slot->file, path, &why)) {
-            if (err != nullptr && err_size > 0) {
-                snprintf(err, err_size, "%s", why.c_str());
-            }
-            delete slot;
-            return nullptr;
+    slot->repack    = repack;
+    std::string why;
+    if (!pi_file_open(&slot->file, path, &why)) {
+        if (err != nullptr && err_size > 0) {
+            snprintf(err, err_size, "%s", why.c_str());
         }
+        delete slot;
+        return nullptr;
     }
     slot->buft_name = residency == PI_RESIDENCY_RAM ? "PowerInfer_RAM" : "PowerInfer_Disk";
     slot->buft.iface   = pi_slot_buft_i;

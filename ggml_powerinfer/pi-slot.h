@@ -24,7 +24,8 @@ struct pi_counters {
 struct pi_model_slot {
     std::string   path;
     pi_residency  residency;
-    pi_file       file; // indexed in disk mode only
+    bool          repack;  // RAM: let ggml's CPU backend repack weights as stock would
+    pi_file       file; // the model file and its tensor index
     std::string   buft_name;
     struct ggml_backend_buffer_type buft;
 
@@ -40,6 +41,10 @@ bool            pi_buft_is_ours(ggml_backend_buffer_type_t buft);
 
 // File location of a disk-resident weight (set when the tensor is placed in its buffer).
 const pi_tensor_loc * pi_disk_tensor_loc(const struct ggml_tensor * t);
+
+// The host tensor holding a RAM-resident weight: in a CPU buffer, or a CPU_REPACK buffer whose
+// interleaved layout only ggml's CPU kernels read.
+struct ggml_tensor * pi_ram_host_tensor(const struct ggml_tensor * t);
 
 // Implemented by the device: the device every slot buffer type belongs to.
 ggml_backend_dev_t pi_device(void);

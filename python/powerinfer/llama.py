@@ -89,7 +89,8 @@ class Llama(llama_cpp.Llama):
     * ``ffn_on_disk``: keep FFN weights in the model file and read them (direct I/O) when a
       layer needs them, instead of holding them in memory.
     * ``memory_budget``: reserved for the neuron cache; not yet supported.
-    * ``use_extra_bufts``: let the CPU backend repack the weights it keeps (default, as stock).
+    * ``use_extra_bufts``: repack weights into the CPU backend's interleaved layouts where stock
+      llama.cpp would (default, as stock); applies to the FFN in RAM mode too.
     """
 
     def __init__(self, model_path: str, *, ffn_on_disk: bool = False,
@@ -101,7 +102,8 @@ class Llama(llama_cpp.Llama):
                 "Use ffn_on_disk=True to keep FFN weights out of memory.")
         check_model_file(model_path)
         self.ffn_on_disk = bool(ffn_on_disk)
-        self._pi_slot: Optional[_core.ModelSlot] = _core.ModelSlot(os.fspath(model_path), self.ffn_on_disk)
+        self._pi_slot: Optional[_core.ModelSlot] = _core.ModelSlot(
+            os.fspath(model_path), self.ffn_on_disk, use_extra_bufts)
         self._pi_pattern = FFN_WEIGHT_PATTERN.encode()
         self._pi_overrides = (_BuftOverride * 2)()
         self._pi_overrides[0].pattern = self._pi_pattern
