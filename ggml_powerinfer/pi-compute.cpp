@@ -14,10 +14,10 @@
 #include <thread>
 #include <vector>
 
-// Batches of this many tokens or more are multiplied by ggml's CPU kernels (llamafile sgemm,
-// tiled K-quants): for prompts those are faster than row dot products, and they are exactly
-// what stock llama.cpp runs. So are weights the CPU backend repacked (RAM slots, as stock
-// does by default). Single tokens on plain weights take the backend's own kernels.
+// Dense FFN in RAM is what stock llama.cpp computes, so it runs ggml's CPU kernels on the
+// weights as stock stores them (repacked where stock repacks), the whole split as one graph.
+// Disk slots read each weight into scratch: batches of this many tokens or more still go to
+// ggml's kernels (llamafile sgemm, tiled K-quants), single tokens to the backend's own.
 static const int64_t PI_MIN_BATCH_FOR_CPU_KERNELS = 2;
 
 struct pi_compute_context {
@@ -26,7 +26,10 @@ struct pi_compute_context {
     std::vector<char> act_scratch;  // activations converted to the weights' vec_dot_type
     pi_aligned_buf    weight_buf;   // disk-resident weights of the current op
     std::vector<char> cpu_work;     // work buffer for ops run through ggml's CPU kernels
-    std::vector<char> graph_mem;    // memory of the one-node graphs handed to the CPU kernels
+    std::vector<char> graph_mem;    // memory of the graphs handed to the CPU kernels
+    std::vector<struct ggml_tensor> node_copies; // matmul nodes re-pointed at host weights
+    std::vector<struct ggml_tensor *> cpu_nodes; // the run of nodes for the CPU kernels
+    struct ggml_threadpool * cpu_pool = nullptr; // ggml's bookkeeping for those runs
 };
 
 static uint64_t now_ns() {
@@ -43,6 +46,9 @@ pi_compute_context * pi_compute_context_new(void) {
 
 void pi_compute_context_free(pi_compute_context * ctx) {
     pi_threadpool_free(ctx->pool);
+    if (ctx->cpu_pool != nullptr) {
+        ggml_threadpool_free(ctx->cpu_pool);
+    }
     pi_aligned_buf_free(&ctx->weight_buf);
     delete ctx;
 }
@@ -55,20 +61,30 @@ void pi_compute_set_n_threads(pi_compute_context * ctx, int n_threads) {
     pi_threadpool_free(ctx->pool);
     ctx->pool      = pi_threadpool_new(n_threads);
     ctx->n_threads = n_threads;
+    if (ctx->cpu_pool != nullptr) {
+        ggml_threadpool_free(ctx->cpu_pool);
+    }
+    struct ggml_threadpool_params params = ggml_threadpool_params_default(n_threads);
+    ctx->cpu_pool = ggml_threadpool_new(&params);
 }
 
-// Runs one node with ggml's CPU kernels on a one-node graph.
-static enum ggml_status compute_with_cpu_kernels(pi_compute_context * ctx, struct ggml_tensor * node, int n_threads) {
-    const size_t graph_size = ggml_graph_overhead_custom(1, false) + ggml_tensor_overhead();
+// Runs nodes with ggml's CPU kernels, as one graph: one fork/join of the workers per run
+// instead of one per op, like the CPU backend itself.
+static enum ggml_status compute_with_cpu_kernels(pi_compute_context * ctx, struct ggml_tensor ** nodes, int n_nodes, int n_threads) {
+    if (n_nodes == 0) {
+        return GGML_STATUS_SUCCESS;
+    }
+    const size_t graph_size = ggml_graph_overhead_custom(n_nodes, false) + ggml_tensor_overhead();
     if (ctx->graph_mem.size() < graph_size) {
         ctx->graph_mem.resize(graph_size);
     }
     struct ggml_init_params params = { graph_size, ctx->graph_mem.data(), /*.no_alloc =*/ true };
     struct ggml_context * gctx = ggml_init(params);
-    struct ggml_cgraph * graph = ggml_new_graph_custom(gctx, 1, false);
-    ggml_graph_add_node(graph, node);
-
-    struct ggml_cplan plan = ggml_graph_plan(graph, n_threads, nullptr);
+    struct ggml_cgraph * graph = ggml_new_graph_custom(gctx, n_nodes, false);
+    for (int i = 0; i < n_nodes; i++) {
+        ggml_graph_add_node(graph, nodes[i]);
+    }
+    struct ggml_cplan plan = ggml_graph_plan(graph, n_threads, n_threads == ctx->n_threads ? ctx->cpu_pool : nullptr);
     if (plan.work_size > 0) {
         if (ctx->cpu_work.size() < plan.work_size) {
             ctx->cpu_work.resize(plan.work_size);
@@ -77,6 +93,12 @@ static enum ggml_status compute_with_cpu_kernels(pi_compute_context * ctx, struc
     }
     enum ggml_status status = ggml_graph_compute(graph, &plan);
     ggml_free(gctx);
+    return status;
+}
+
+static enum ggml_status flush_cpu_nodes(pi_compute_context * ctx) {
+    enum ggml_status status = compute_with_cpu_kernels(ctx, ctx->cpu_nodes.data(), (int) ctx->cpu_nodes.size(), ctx->n_threads);
+    ctx->cpu_nodes.clear();
     return status;
 }
 
@@ -106,6 +128,8 @@ static const struct ggml_tensor * host_weight(pi_compute_context * ctx, pi_model
     return tmp;
 }
 
+// Multiplies with the backend's kernels, or, when ggml's CPU kernels should do it, appends a
+// copy of the node pointing at the host weight to ctx->cpu_nodes (the caller runs those).
 static enum ggml_status compute_mul_mat(pi_compute_context * ctx, struct ggml_tensor * dst) {
     const struct ggml_tensor * w = dst->src[0];
     const struct ggml_tensor * x = dst->src[1];
@@ -119,13 +143,22 @@ static enum ggml_status compute_mul_mat(pi_compute_context * ctx, struct ggml_te
     slot->counters.ffn_matmuls++;
     slot->counters.ffn_rows_computed += (uint64_t) (w->ne[1]*x->ne[1]);
 
-    const bool repacked = host->buffer != nullptr && host->buffer->buft != ggml_backend_cpu_buffer_type();
-    if (repacked || x->ne[1] >= PI_MIN_BATCH_FOR_CPU_KERNELS) {
-        struct ggml_tensor op = *dst;
-        op.src[0] = (struct ggml_tensor *) host;
-        return compute_with_cpu_kernels(ctx, &op, ctx->n_threads);
+    if (slot->residency == PI_RESIDENCY_RAM || x->ne[1] >= PI_MIN_BATCH_FOR_CPU_KERNELS) {
+        struct ggml_tensor * op = &ctx->node_copies[ctx->cpu_nodes.size()];
+        *op = *dst;
+        op->src[0] = (struct ggml_tensor *) host;
+        ctx->cpu_nodes.push_back(op);
+        if (host == &tmp) {
+            // the bytes sit in the scratch buffer the next read reuses: run now
+            return flush_cpu_nodes(ctx);
+        }
+        return GGML_STATUS_SUCCESS;
     }
 
+    enum ggml_status status = flush_cpu_nodes(ctx); // keep the order of the graph
+    if (status != GGML_STATUS_SUCCESS) {
+        return status;
+    }
     pi_matmul_args args;
     args.w          = (const char *) host->data;
     args.w_stride   = host->nb[1];
@@ -145,8 +178,13 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
     const uint64_t t0 = now_ns();
     pi_model_slot * slot = nullptr;
     int64_t n_tokens = 0;
+    const int n_nodes = ggml_graph_n_nodes(cgraph);
+    ctx->cpu_nodes.clear();
+    if ((int) ctx->node_copies.size() < n_nodes) {
+        ctx->node_copies.resize(n_nodes); // no reallocation below: cpu_nodes points into it
+    }
 
-    for (int i = 0; i < ggml_graph_n_nodes(cgraph); i++) {
+    for (int i = 0; i < n_nodes; i++) {
         struct ggml_tensor * node = ggml_graph_node(cgraph, i);
         if ((node->flags & GGML_TENSOR_FLAG_COMPUTE) == 0) {
             continue;
@@ -164,17 +202,19 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
                 n_tokens = node->src[1]->ne[1];
                 status   = compute_mul_mat(ctx, node);
                 break;
-            default: {
-                // the activation, through ggml's kernels so it rounds exactly like stock;
-                // a decode-sized one is cheaper on one thread than waking others
-                const int n_threads = ggml_nelements(node) >= 65536 ? ctx->n_threads : 1;
-                status = compute_with_cpu_kernels(ctx, node, n_threads);
+            default:
+                // the activation, through ggml's kernels so it rounds exactly like stock
+                ctx->cpu_nodes.push_back(node);
                 break;
-            }
         }
         if (status != GGML_STATUS_SUCCESS) {
+            ctx->cpu_nodes.clear();
             return status;
         }
+    }
+    enum ggml_status status = flush_cpu_nodes(ctx);
+    if (status != GGML_STATUS_SUCCESS) {
+        return status;
     }
 
     if (slot != nullptr) {

@@ -83,3 +83,17 @@ def test_synthetic_chat_template(synthetic_models: dict[str, Path]) -> None:
     out = llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=8, temperature=0.0)
     assert out["choices"][0]["message"]["role"] == "assistant"
     llm.close()
+
+
+def test_embeddings_match_stock(synthetic_models: dict[str, Path]) -> None:
+    path = str(synthetic_models["q8_0"])
+    kw = dict(n_ctx=256, n_threads=THREADS, verbose=False, embedding=True)
+    stock = llama_cpp.Llama(path, **kw)
+    ours = powerinfer.Llama(path, **kw)
+    texts = ["the quick brown fox", "sparse neurons"]
+    expected = stock.embed(texts)
+    got = ours.embed(texts)
+    stock.close()
+    ours.close()
+    assert len(got) == 2 and len(got[0]) == len(expected[0]) > 0
+    assert got == expected
