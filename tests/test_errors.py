@@ -1,6 +1,7 @@
 """Bad input gets a clear Python exception, never a crash."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import powerinfer
 from conftest import THREADS
@@ -86,3 +89,30 @@ def test_wrong_llama_cpp_python_version(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 3, proc.stderr
     assert "0.0.1" in proc.stdout and powerinfer.LLAMA_CPP_PYTHON_VERSION in proc.stdout
+
+
+@given(data=st.data())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_corrupted_header_never_crashes(tiny_model: Path, tmp_path: Path, data: st.DataObject) -> None:
+    """Flip bytes anywhere in the GGUF header and tensor table: the check either accepts the file
+    or raises ModelFileError; it never crashes the process or hangs."""
+    raw = bytearray(tiny_model.read_bytes())
+    header_end = _header_size(str(tiny_model))
+    n_flips = data.draw(st.integers(1, 8))
+    for _ in range(n_flips):
+        pos = data.draw(st.integers(0, header_end - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    path = tmp_path / "fuzzed.gguf"
+    path.write_bytes(bytes(raw))
+    try:
+        powerinfer.llama.check_model_file(path)
+    except powerinfer.ModelFileError:
+        pass
+
+
+@functools.lru_cache(maxsize=None)
+def _header_size(path: str) -> int:
+    """Bytes before the tensor data of a GGUF file."""
+    import gguf
+
+    return int(gguf.GGUFReader(path).data_offset)

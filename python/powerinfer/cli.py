@@ -51,6 +51,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.stats:
         for key, value in llm.powerinfer_stats().items():
             print(f"{key}: {value}", file=sys.stderr)
+    elif args.summary:
+        s = llm.powerinfer_stats()
+        where = "disk" if s["ffn_on_disk"] else "RAM"
+        print(f"[PowerInfer backend: {s['ffn_matmuls']} FFN matmuls over {s['ffn_graphs']} layer "
+              f"passes, {s['ffn_seconds']:.2f} s in FFN, weights in {where}, "
+              f"{s['ffn_bytes_read'] / 2**20:.0f} MiB read]", file=sys.stderr)
     return 0
 
 
@@ -61,7 +67,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"model: {path}", file=sys.stderr)
     run_args = argparse.Namespace(model=str(path), prompt=args.prompt, n_predict=args.n_predict,
                                   ctx_size=1024, threads=args.threads, ffn_on_disk=args.ffn_on_disk,
-                                  temperature=0.0, seed=0, verbose=False, stats=True)
+                                  temperature=0.0, seed=0, verbose=False, stats=False, summary=True)
     return _cmd_run(run_args)
 
 
@@ -104,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn-on-disk", action="store_true", help="keep FFN weights on disk")
     p.add_argument("--stats", action="store_true", help="print backend counters at the end")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, summary=False)
 
     p = sub.add_parser("demo", help="generate text with Gemma 3 270M through the PowerInfer backend")
     p.add_argument("-p", "--prompt", default="The three most useful things to know about the Python language are")
