@@ -2,6 +2,7 @@
 #include "ggml-powerinfer.h"
 
 #include "pi-matmul.h"
+#include "pi-profile.h"
 #include "pi-threadpool.h"
 
 #include "ggml-cpu.h"
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 namespace py = pybind11;
@@ -122,6 +124,49 @@ py::array_t<float> matmul_vec_dot_reference(int type, u8_array w, int64_t n_in, 
     return out;
 }
 
+// Owns a profiler; Python hands its callback and pointer to llama.cpp's cb_eval.
+class Profiler {
+public:
+    explicit Profiler(int64_t max_samples) : p_(pi_profiler_new(max_samples)) {}
+    ~Profiler() { pi_profiler_free(p_); }
+    Profiler(const Profiler &) = delete;
+    Profiler & operator=(const Profiler &) = delete;
+
+    uintptr_t callback_address() const { return (uintptr_t) &pi_profiler_eval_callback; }
+    uintptr_t user_data() const { return (uintptr_t) p_; }
+    int n_layers() const { return (int) p_->layers.size(); }
+
+    py::dict layer(int il) const {
+        if (il < 0 || il >= (int) p_->layers.size()) {
+            throw py::index_error("no such layer");
+        }
+        const pi_layer_profile & L = p_->layers[il];
+        py::dict d;
+        d["tokens"] = L.tokens;
+        d["n_embd"] = L.n_embd;
+        d["n_ff"]   = L.n_ff;
+        d["gate_positive"] = py::array_t<uint64_t>(L.gate_positive.size(), L.gate_positive.data());
+        d["both_positive"] = py::array_t<uint64_t>(L.both_positive.size(), L.both_positive.data());
+        d["abs_act_sum"]   = py::array_t<double>(L.abs_act_sum.size(), L.abs_act_sum.data());
+        d["hist"]          = py::array_t<uint64_t>(PI_HIST_BINS, L.hist);
+        const size_t mask_bytes = (size_t) (L.n_ff + 7) / 8;
+        py::array_t<uint16_t> x({(py::ssize_t) L.samples, (py::ssize_t) L.n_embd});
+        if (L.samples > 0) {
+            std::memcpy(x.mutable_data(), L.x.data(), L.x.size() * sizeof(ggml_fp16_t));
+        }
+        py::array_t<uint8_t> bits({(py::ssize_t) L.samples, (py::ssize_t) mask_bytes});
+        if (L.samples > 0) {
+            std::memcpy(bits.mutable_data(), L.active_bits.data(), L.active_bits.size());
+        }
+        d["samples_x_f16"]       = x;
+        d["samples_active_bits"] = bits;
+        return d;
+    }
+
+private:
+    pi_profiler * p_;
+};
+
 } // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -151,6 +196,13 @@ PYBIND11_MODULE(_core, m) {
           py::arg("x"), py::arg("n_threads") = 1, "The backend's dense matmul (for tests).");
     m.def("matmul_vec_dot_reference", &matmul_vec_dot_reference, py::arg("type"), py::arg("w"),
           py::arg("n_in"), py::arg("n_out"), py::arg("x"), "ggml's vec_dot row by row (for tests).");
+
+    py::class_<Profiler>(m, "Profiler")
+        .def(py::init<int64_t>(), py::arg("max_samples") = 0)
+        .def_property_readonly("callback_address", &Profiler::callback_address)
+        .def_property_readonly("user_data", &Profiler::user_data)
+        .def_property_readonly("n_layers", &Profiler::n_layers)
+        .def("layer", &Profiler::layer, py::arg("il"));
 
     py::class_<ModelSlot>(m, "ModelSlot")
         .def(py::init<const std::string &, bool, bool>(), py::arg("path"), py::arg("on_disk"),

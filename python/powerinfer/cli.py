@@ -38,6 +38,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .calibration import calibration_texts
+    from .profile import profile_model
+
+    with tqdm(total=args.tokens, unit="tok", desc="profiling", disable=args.quiet) as bar:
+        prof = profile_model(args.model, calibration_texts(args.calibration), max_tokens=args.tokens,
+                             n_ctx=args.ctx_size, threads=args.threads, max_samples=args.samples,
+                             progress=bar.update)
+    print(prof.summary())
+    if args.output:
+        prof.save(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .llama import Llama
 
@@ -98,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="stock,ram,disk", help="comma list of stock, ram, disk")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("profile", help="measure per-neuron FFN activation frequencies on calibration text")
+    p.add_argument("model")
+    p.add_argument("--calibration", default=None,
+                   help="text file (paragraphs); default: generated from Python stdlib docstrings")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens to run (default 16384)")
+    p.add_argument("--samples", type=int, default=0, help="(input, active set) samples to keep per layer")
+    p.add_argument("-c", "--ctx-size", type=int, default=512)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-o", "--output", default=None, help="write the profile (.npz)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("run", help="generate text from a prompt (streamed)")
     p.add_argument("model")

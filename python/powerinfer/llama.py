@@ -5,7 +5,7 @@ import contextlib
 import ctypes
 import os
 import threading
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import llama_cpp
 import llama_cpp._internals as _internals
@@ -30,26 +30,31 @@ _model_init_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _model_params_hook(apply: Any) -> Iterator[None]:
-    """While the base constructor runs, let `apply` edit the llama_model_params it loads with.
+def _params_hook(model: Optional[Callable[[Any], None]] = None,
+                 context: Optional[Callable[[Any], None]] = None) -> Iterator[None]:
+    """While the base constructor runs, let `model` / `context` edit the llama_model_params /
+    llama_context_params it loads with.
 
-    llama_cpp.Llama builds its model params inside __init__ and exposes neither
-    tensor_buft_overrides nor a hook, so we wrap the LlamaModel factory for this thread only.
+    llama_cpp.Llama builds its params inside __init__ and exposes neither tensor_buft_overrides
+    nor cb_eval, so we wrap the LlamaModel / LlamaContext factories, for this thread only.
     """
     owner = threading.get_ident()
     with _model_init_lock:
-        original = _internals.LlamaModel
+        originals = (_internals.LlamaModel, _internals.LlamaContext)
 
-        def factory(*args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() == owner:
-                apply(kwargs["params"])
-            return original(*args, **kwargs)
+        def wrap(original: Any, edit: Optional[Callable[[Any], None]]) -> Any:
+            def factory(*args: Any, **kwargs: Any) -> Any:
+                if edit is not None and threading.get_ident() == owner:
+                    edit(kwargs["params"])
+                return original(*args, **kwargs)
+            return factory
 
-        _internals.LlamaModel = factory  # type: ignore[misc]
+        _internals.LlamaModel = wrap(originals[0], model)  # type: ignore[misc]
+        _internals.LlamaContext = wrap(originals[1], context)  # type: ignore[misc]
         try:
             yield
         finally:
-            _internals.LlamaModel = original  # type: ignore[misc]
+            _internals.LlamaModel, _internals.LlamaContext = originals  # type: ignore[misc]
 
 
 def check_model_file(path: str | os.PathLike[str]) -> None:
@@ -77,7 +82,7 @@ class StockLlama(llama_cpp.Llama):
         def set_extra_bufts(params: llama_cpp.llama_model_params) -> None:
             params.use_extra_bufts = use_extra_bufts
 
-        with _model_params_hook(set_extra_bufts):
+        with _params_hook(model=set_extra_bufts):
             super().__init__(model_path, **kwargs)
 
 
@@ -91,11 +96,13 @@ class Llama(llama_cpp.Llama):
     * ``memory_budget``: reserved for the neuron cache; not yet supported.
     * ``use_extra_bufts``: repack weights into the CPU backend's interleaved layouts where stock
       llama.cpp would (default, as stock); applies to the FFN in RAM mode too.
+    * ``eval_callback``: ``(address, user_data)`` of a C ``ggml_backend_sched_eval_callback``
+      installed as llama.cpp's ``cb_eval`` (used by the profiler).
     """
 
     def __init__(self, model_path: str, *, ffn_on_disk: bool = False,
                  memory_budget: Optional[int | str] = None, use_extra_bufts: bool = True,
-                 **kwargs: Any) -> None:
+                 eval_callback: Optional[tuple[int, int]] = None, **kwargs: Any) -> None:
         if memory_budget is not None:
             raise NotImplementedError(
                 "memory_budget is not yet supported: it arrives with the neuron cache. "
@@ -119,8 +126,14 @@ class Llama(llama_cpp.Llama):
         # llama.cpp maps and prefaults the whole file, which would keep the FFN resident a
         # second time. Without it the rest of the model is read into memory once, as with mmap.
         kwargs.setdefault("use_mmap", False)
+        def set_eval_callback(params: llama_cpp.llama_context_params) -> None:
+            if eval_callback is not None:
+                address, user_data = eval_callback
+                params.cb_eval = ctypes.cast(address, llama_cpp.ggml_backend_sched_eval_callback)
+                params.cb_eval_user_data = user_data
+
         try:
-            with _model_params_hook(route_ffn):
+            with _params_hook(model=route_ffn, context=set_eval_callback):
                 super().__init__(model_path, **kwargs)
         except BaseException:
             self._pi_release()
