@@ -1,5 +1,6 @@
 // powerinfer._core: registers the backend and exposes model slots to Python.
 #include "ggml-powerinfer.h"
+#include "gguf_meta.h"
 
 #include "pi-matmul.h"
 #include "pi-profile.h"
@@ -100,6 +101,53 @@ py::array_t<float> matmul(int type, u8_array w, int64_t n_in, int64_t n_out, f32
     return out;
 }
 
+// Rows of floats quantized to `type` with ggml's own quantizers (any type ggml can quantize
+// without an importance matrix).
+py::array_t<uint8_t> quantize_rows(int type, f32_array rows) {
+    const ggml_type t = (ggml_type) type;
+    if (t < 0 || t >= GGML_TYPE_COUNT || rows.ndim() != 2 || ggml_quantize_requires_imatrix(t) ||
+        rows.shape(1) % ggml_blck_size(t) != 0) {
+        throw py::value_error("cannot quantize these rows to this type");
+    }
+    const int64_t n_rows = rows.shape(0), n_per_row = rows.shape(1);
+    const size_t row_bytes = ggml_row_size(t, n_per_row);
+    py::array_t<uint8_t> out({(py::ssize_t) n_rows, (py::ssize_t) row_bytes});
+    {
+        py::gil_scoped_release release;
+        ggml_quantize_chunk(t, rows.data(), out.mutable_data(), 0, n_rows, n_per_row, nullptr);
+    }
+    return out;
+}
+
+// Quantized rows back to floats with ggml's to_float.
+py::array_t<float> dequantize_rows(int type, u8_array data, int64_t n_per_row) {
+    const ggml_type t = (ggml_type) type;
+    if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0) {
+        throw py::value_error("bad type or row length");
+    }
+    const size_t row_bytes = ggml_row_size(t, n_per_row);
+    if (data.size() % row_bytes != 0) {
+        throw py::value_error("data is not a whole number of rows");
+    }
+    const int64_t n_rows = data.size() / row_bytes;
+    py::array_t<float> out({(py::ssize_t) n_rows, (py::ssize_t) n_per_row});
+    const struct ggml_type_traits * tr = ggml_get_type_traits(t);
+    if (t == GGML_TYPE_F32) {
+        std::memcpy(out.mutable_data(), data.data(), data.size());
+        return out;
+    }
+    if (tr->to_float == nullptr) {
+        throw py::value_error("type has no dequantizer");
+    }
+    {
+        py::gil_scoped_release release;
+        for (int64_t r = 0; r < n_rows; r++) {
+            tr->to_float(data.data() + r * row_bytes, out.mutable_data() + r * n_per_row, n_per_row);
+        }
+    }
+    return out;
+}
+
 // ggml's own arithmetic, row by row with vec_dot: the reference for the test above.
 py::array_t<float> matmul_vec_dot_reference(int type, u8_array w, int64_t n_in, int64_t n_out, f32_array x) {
     const ggml_type t = (ggml_type) type;
@@ -177,6 +225,8 @@ PYBIND11_MODULE(_core, m) {
         return std::string(ggml_backend_reg_name(reg));
     }, "Register the PowerInfer backend with ggml (idempotent); returns its name.");
 
+    register_gguf_meta(m);
+
     m.def("check_gguf", [](const std::string & path) {
         char err[1024] = {0};
         if (!pi_check_gguf(path.c_str(), err, sizeof(err))) {
@@ -196,6 +246,13 @@ PYBIND11_MODULE(_core, m) {
           py::arg("x"), py::arg("n_threads") = 1, "The backend's dense matmul (for tests).");
     m.def("matmul_vec_dot_reference", &matmul_vec_dot_reference, py::arg("type"), py::arg("w"),
           py::arg("n_in"), py::arg("n_out"), py::arg("x"), "ggml's vec_dot row by row (for tests).");
+
+    m.def("quantize_rows", &quantize_rows, py::arg("type"), py::arg("rows"),
+          "Quantize float rows to a ggml type with ggml's quantizers.");
+    m.def("dequantize_rows", &dequantize_rows, py::arg("type"), py::arg("data"), py::arg("n_per_row"),
+          "Dequantize rows of a ggml type to floats.");
+    m.def("row_size", [](int type, int64_t n) { return ggml_row_size((ggml_type) type, n); },
+          py::arg("type"), py::arg("n"));
 
     py::class_<Profiler>(m, "Profiler")
         .def(py::init<int64_t>(), py::arg("max_samples") = 0)

@@ -55,6 +55,38 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .calibration import calibration_texts
+    from .format import FormatError, convert, fingerprint
+    from .profile import ModelProfile, profile_model
+
+    if args.profile:
+        prof = ModelProfile.load(args.profile)
+        if prof.fingerprint and prof.fingerprint != fingerprint(args.model):
+            raise FormatError(f"profile {args.profile} was made for another model ({prof.model_path})")
+    else:
+        with tqdm(total=args.tokens, unit="tok", desc="profiling", disable=args.quiet) as bar:
+            prof = profile_model(args.model, calibration_texts(args.calibration), max_tokens=args.tokens,
+                                 threads=args.threads, progress=bar.update)
+    with tqdm(total=1, unit="step", desc="writing bundles", disable=args.quiet) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        out = convert(args.model, args.output, prof.frequencies(), profile_tokens=prof.tokens, progress=progress)
+    print(out.summary())
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .format import PowerInferFile
+
+    print(PowerInferFile.open(args.model).summary())
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .llama import Llama
 
@@ -127,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="write the profile (.npz)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("convert", help="write a PowerInfer model (neuron bundles, hot-first) from a GGUF")
+    p.add_argument("model", help="source GGUF")
+    p.add_argument("output", help="PowerInfer model to write")
+    p.add_argument("--profile", default=None, help="a profile from `powerinfer profile -o` (else profile now)")
+    p.add_argument("--calibration", default=None, help="text file for profiling (default: stdlib docstrings)")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens when profiling")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("inspect", help="show the layout of a PowerInfer model")
+    p.add_argument("model")
+    p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("run", help="generate text from a prompt (streamed)")
     p.add_argument("model")

@@ -66,8 +66,12 @@ def check_model_file(path: str | os.PathLike[str]) -> None:
         raise ModelFileError(f"model path is a directory, not a GGUF file: {p}")
     try:
         _core.check_gguf(p)
-    except ValueError as exc:
-        raise ModelFileError(str(exc)) from None
+        architecture = _core.read_gguf_header(p, ["general.architecture"])["kv"].get("general.architecture")
+    except ValueError as exc:  # UnicodeDecodeError included: a corrupt string in the metadata
+        raise ModelFileError(f"{p}: {exc}") from None
+    if architecture == "powerinfer":
+        raise ModelFileError(f"{p} is a PowerInfer bundle file (powerinfer convert): opening those "
+                             "is not implemented yet; open the source GGUF instead")
 
 
 class StockLlama(llama_cpp.Llama):

@@ -57,6 +57,10 @@ class ModelProfile:
     model_path: str
     tokens: int
     layers: list[LayerProfile]
+    fingerprint: str = ""  # of the model profiled (powerinfer.format.fingerprint)
+
+    def frequencies(self) -> dict[int, np.ndarray]:
+        return {il: layer.frequency for il, layer in enumerate(self.layers) if layer.tokens > 0}
 
     def summary(self) -> str:
         lines = ["layer  tokens  active(gate>0)  active(dReLU)  neurons for 80% of activity"]
@@ -75,6 +79,7 @@ class ModelProfile:
             "model_path": np.array(self.model_path),
             "tokens": np.array(self.tokens),
             "n_layers": np.array(len(self.layers)),
+            "fingerprint": np.array(self.fingerprint),
         }
         for il, layer in enumerate(self.layers):
             for field in dataclasses.fields(LayerProfile):
@@ -95,7 +100,8 @@ class ModelProfile:
                 values = {f.name: z[f"{il}.{f.name}"] for f in dataclasses.fields(LayerProfile)}
                 values["tokens"] = int(values["tokens"])
                 layers.append(LayerProfile(**values))
-            return cls(str(z["model_path"]), int(z["tokens"]), layers)
+            fp = str(z["fingerprint"]) if "fingerprint" in z else ""
+            return cls(str(z["model_path"]), int(z["tokens"]), layers, fp)
 
 
 def _layer_from_native(d: dict) -> LayerProfile:
@@ -145,4 +151,6 @@ def profile_model(model_path: str | os.PathLike[str], texts: Iterable[str], *, m
         llm.close()
     if seen == 0:
         raise ValueError("the calibration text produced no tokens")
-    return ModelProfile(os.fspath(model_path), seen, layers)
+    from .format import fingerprint
+
+    return ModelProfile(os.fspath(model_path), seen, layers, fingerprint(model_path))
