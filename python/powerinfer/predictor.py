@@ -1,0 +1,132 @@
+"""Per-layer activation predictors: ``score = fc2 · relu(fc1 · x) + b``, trained in numpy.
+
+A neuron is computed when its score reaches the layer's threshold. Training optimises a
+weighted binary cross-entropy that favours recall (a missed active neuron changes the output; a
+false positive only costs work); the threshold is then set on held-out samples so that the
+target recall is met there, and precision and the predicted-active fraction are reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Predictor:
+    fc1: np.ndarray    # (n_embd, rank)
+    fc2: np.ndarray    # (rank, n_ff)
+    bias: np.ndarray   # (n_ff,)
+    threshold: float
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        h = np.maximum(x.astype(np.float32) @ self.fc1, 0.0)
+        return h @ self.fc2 + self.bias
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.scores(x) >= self.threshold
+
+    @property
+    def rank(self) -> int:
+        return int(self.fc1.shape[1])
+
+    def nbytes_f16(self) -> int:
+        return 2 * (self.fc1.size + self.fc2.size + self.bias.size)
+
+
+@dataclasses.dataclass
+class PredictorQuality:
+    recall: float             # of truly active neurons, the fraction predicted
+    precision: float          # of predicted neurons, the fraction truly active
+    predicted_fraction: float  # neurons computed per token / n_ff
+    true_fraction: float      # truly active per token / n_ff
+
+
+def evaluate(p: Predictor, x: np.ndarray, active: np.ndarray) -> PredictorQuality:
+    pred = p.predict(x)
+    tp = float(np.logical_and(pred, active).sum())
+    return PredictorQuality(
+        recall=tp / max(float(active.sum()), 1.0),
+        precision=tp / max(float(pred.sum()), 1.0),
+        predicted_fraction=float(pred.mean()),
+        true_fraction=float(active.mean()),
+    )
+
+
+def choose_rank(n_embd: int, n_ff: int, ffn_bytes: int, budget: float = 0.10, max_rank: int = 1024) -> int:
+    """Largest power of two whose F16 predictor stays within `budget` of the layer's FFN bytes."""
+    r = 16
+    while r * 2 <= max_rank and 2 * (2 * r) * (n_embd + n_ff) + 2 * n_ff <= budget * ffn_bytes:
+        r *= 2
+    return r
+
+
+def _set_threshold(p: Predictor, x: np.ndarray, active: np.ndarray, target_recall: float) -> None:
+    """The highest threshold that keeps `target_recall` of the active neurons of these samples."""
+    s = p.scores(x)[active]
+    p.threshold = float(np.quantile(s, 1.0 - target_recall)) if s.size else float("inf")
+
+
+def train_predictor(x: np.ndarray, active: np.ndarray, *, rank: int, x_val: Optional[np.ndarray] = None,
+                    active_val: Optional[np.ndarray] = None, target_recall: float = 0.995, epochs: int = 30,
+                    batch: int = 128, lr: float = 2e-3, pos_weight: Optional[float] = None,
+                    gate: Optional[np.ndarray] = None, seed: int = 0) -> tuple[Predictor, PredictorQuality]:
+    """Train on (x, active) samples; set the threshold and report quality on the validation
+    samples (the training samples if none are given).
+
+    With the layer's gate weights (n_ff x n_embd, dequantized), training starts from their best
+    rank-r/2 approximation, written as relu(a) - relu(-a) so the ReLU network is linear at first:
+    the gate pre-activation is what decides ReLU activity."""
+    rng = np.random.default_rng(seed)
+    x = x.astype(np.float32)
+    y = active.astype(np.float32)
+    n, n_embd = x.shape
+    n_ff = y.shape[1]
+    # normalise the input scale so one learning rate fits every layer
+    scale = np.float32(1.0 / max(float(np.sqrt(np.mean(x * x))), 1e-6))
+    freq = np.clip(y.mean(axis=0), 1e-4, 1 - 1e-4)
+    if pos_weight is None:
+        pos_weight = float(np.clip((1 - freq.mean()) / freq.mean(), 1.0, 50.0))
+
+    w1 = rng.standard_normal((n_embd, rank)).astype(np.float32) * np.float32(np.sqrt(2.0 / n_embd))
+    w2 = rng.standard_normal((rank, n_ff)).astype(np.float32) * np.float32(np.sqrt(1.0 / rank) * 0.1)
+    b = np.log(freq / (1 - freq)).astype(np.float32)
+    if gate is not None:
+        half = rank // 2
+        u, sv, vt = np.linalg.svd(gate.astype(np.float32) / scale, full_matrices=False)  # input is x*scale
+        root = np.sqrt(sv[:half]).astype(np.float32)
+        a = (vt[:half].T * root).astype(np.float32)            # (n_embd, half)
+        c = (u[:, :half] * root).T.astype(np.float32)          # (half, n_ff)
+        w1 = np.concatenate([a, -a], axis=1)
+        w2 = np.concatenate([c, -c], axis=0) * np.float32(4.0)  # steep logistic around g = 0
+        b = np.zeros(n_ff, dtype=np.float32)
+    params = [w1, w2, b]
+    m = [np.zeros_like(v) for v in params]
+    v2 = [np.zeros_like(v) for v in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    t = 0
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, batch):
+            idx = order[start:start + batch]
+            xb, yb = x[idx] * scale, y[idx]
+            pre = xb @ w1
+            h = np.maximum(pre, 0.0)
+            z = h @ w2 + b
+            p = 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without overflow
+            # d/dz of weighted BCE: w·y·(p-1) + (1-y)·p
+            g = (pos_weight * yb * (p - 1.0) + (1.0 - yb) * p) / np.float32(len(idx))
+            grads = [xb.T @ ((g @ w2.T) * (pre > 0)), h.T @ g, g.sum(axis=0)]
+            t += 1
+            for i, (param, grad) in enumerate(zip(params, grads)):
+                m[i] = beta1 * m[i] + (1 - beta1) * grad
+                v2[i] = beta2 * v2[i] + (1 - beta2) * grad * grad
+                mhat = m[i] / (1 - beta1 ** t)
+                vhat = v2[i] / (1 - beta2 ** t)
+                param -= (lr * mhat / (np.sqrt(vhat) + eps)).astype(np.float32)
+    pred = Predictor(fc1=w1 * scale, fc2=w2, bias=b, threshold=0.0)
+    xv = x if x_val is None else x_val.astype(np.float32)
+    av = active if active_val is None else active_val
+    _set_threshold(pred, xv, av.astype(bool), target_recall)
+    return pred, evaluate(pred, xv, av.astype(bool))
