@@ -40,3 +40,27 @@ def test_predictor_beats_the_static_hot_set_on_held_out_text(synthetic_models: d
     hits = held.samples_active[:, order].sum(axis=0).cumsum() / held.samples_active.sum()
     k = int(np.searchsorted(hits, q.recall)) + 1
     assert q.predicted_fraction < 0.8 * k / train.n_ff
+
+
+def test_predictors_are_stored_with_their_held_out_quality(synthetic_models: dict[str, Path], tmp_path: Path) -> None:
+    from powerinfer import format as fmt
+    from powerinfer.predictor import evaluate, train_layer_predictors
+
+    path = synthetic_models["q8_0"]
+    train = profile_model(path, calibration_texts(), max_tokens=2048, threads=THREADS, max_samples=2048)
+    held = profile_model(path, calibration_texts(held_out=True), max_tokens=384, threads=THREADS, max_samples=384)
+    ffn_bytes = {il: 3 * 2048 * 544 for il in range(4)}  # Q8_0 rows of 512: 544 bytes
+    predictors = train_layer_predictors(train.layers, held.layers, ffn_bytes)
+    assert sorted(predictors) == [0, 1, 2, 3]
+    pf = fmt.convert(path, tmp_path / "m.gguf", train.frequencies(), predictors=predictors)
+    for i, L in enumerate(pf.layers):
+        stored = pf.predictor(i)
+        assert stored.nbytes_f16() <= 0.10 * ffn_bytes[L.layer] + 4 * L.n_ff
+        # the file's predictor, on held-out samples in stored (hot-first) neuron order, has the
+        # recorded quality
+        active = held.layers[L.layer].samples_active[:, pf.permutation(i)]
+        q = evaluate(stored, held.layers[L.layer].samples_x, active)
+        assert abs(q.recall - pf.predictors[i]["recall"]) < 1e-4
+        assert abs(q.predicted_fraction - pf.predictors[i]["predicted_fraction"]) < 1e-4
+        assert q.recall > 0.9
+    assert "held-out recall" in pf.summary()

@@ -62,6 +62,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .format import FormatError, convert, fingerprint
     from .profile import ModelProfile, profile_model
 
+    samples = args.samples if args.predictors else 0
     if args.profile:
         prof = ModelProfile.load(args.profile)
         if prof.fingerprint and prof.fingerprint != fingerprint(args.model):
@@ -69,15 +70,44 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         with tqdm(total=args.tokens, unit="tok", desc="profiling", disable=args.quiet) as bar:
             prof = profile_model(args.model, calibration_texts(args.calibration), max_tokens=args.tokens,
-                                 threads=args.threads, progress=bar.update)
+                                 threads=args.threads, max_samples=samples, progress=bar.update)
+    predictors = None
+    if args.predictors:
+        from .predictor import train_layer_predictors
+
+        if not all(len(layer.samples_x) for layer in prof.layers):
+            raise FormatError("the profile holds no samples: profile with --samples, or convert without --profile")
+        held_tokens = max(256, args.tokens // 8)
+        with tqdm(total=held_tokens, unit="tok", desc="held-out profile", disable=args.quiet) as bar:
+            held = profile_model(args.model, calibration_texts(args.calibration, held_out=True), max_tokens=held_tokens,
+                                 threads=args.threads, max_samples=held_tokens, progress=bar.update)
+        ffn_bytes = _ffn_bytes(args.model)
+        with tqdm(total=len(prof.layers), unit="layer", desc="training predictors", disable=args.quiet) as bar:
+            predictors = train_layer_predictors(prof.layers, held.layers, ffn_bytes,
+                                                progress=lambda _: bar.update(1))
     with tqdm(total=1, unit="step", desc="writing bundles", disable=args.quiet) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        out = convert(args.model, args.output, prof.frequencies(), profile_tokens=prof.tokens, progress=progress)
+        out = convert(args.model, args.output, prof.frequencies(), profile_tokens=prof.tokens,
+                      predictors=predictors, progress=progress)
     print(out.summary())
     return 0
+
+
+def _ffn_bytes(model: str) -> dict[int, int]:
+    """Bytes of each layer's gate, up and down weights."""
+    import re
+
+    from . import _core
+
+    sizes: dict[int, int] = {}
+    for t in _core.read_gguf_header(model, ["general.architecture"])["tensors"]:
+        m = re.match(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$", t["name"])
+        if m:
+            sizes[int(m.group(1))] = sizes.get(int(m.group(1)), 0) + t["nbytes"]
+    return sizes
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -166,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="a profile from `powerinfer profile -o` (else profile now)")
     p.add_argument("--calibration", default=None, help="text file for profiling (default: stdlib docstrings)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens when profiling")
+    p.add_argument("--samples", type=int, default=4096, help="samples per layer for predictor training")
+    p.add_argument("--no-predictors", dest="predictors", action="store_false",
+                   help="skip predictor training (ReLU-family activity is gate > 0)")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_convert)

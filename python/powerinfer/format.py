@@ -10,12 +10,15 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import gguf
 import numpy as np
 
 from . import _core
+
+if TYPE_CHECKING:
+    from .predictor import Predictor, PredictorQuality
 
 FORMAT_VERSION = 1
 ARCH = "powerinfer"
@@ -113,6 +116,7 @@ class PowerInferFile:
     permutation_offsets: list[int]
     down_requant_error: list[float]
     data: np.ndarray  # the file, memory-mapped
+    predictors: dict[int, dict] = dataclasses.field(default_factory=dict)  # layer index -> layout, quality
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> "PowerInferFile":
@@ -140,9 +144,16 @@ class PowerInferFile:
         end = region + int(get("region_size"))
         if os.path.getsize(p) < end:
             raise FormatError(f"{p}: truncated (PowerInfer region ends at {end}, file has {os.path.getsize(p)} bytes)")
+        predictors: dict[int, dict] = {}
+        if K + "predictor.layer" in kv:
+            cols = ("layer", "rank", "offset", "threshold", "recall", "precision", "predicted_fraction")
+            values = {c: get("predictor." + c) for c in cols}
+            for j in range(len(values["layer"])):
+                row = {c: values[c][j] for c in cols}
+                predictors[[L.layer for L in layers].index(int(row["layer"]))] = row
         return cls(p, get("source.architecture"), get("source.sha256"), get("source.fingerprint"), region, layers,
                    [int(v) for v in get("frequency.offset")], [int(v) for v in get("permutation.offset")],
-                   [float(v) for v in get("down_requant_rel_rms")], np.memmap(p, mode="r"))
+                   [float(v) for v in get("down_requant_rel_rms")], np.memmap(p, mode="r"), predictors)
 
     def _bytes(self, offset: int, n: int) -> np.ndarray:
         start = self.region_offset + offset
@@ -154,6 +165,21 @@ class PowerInferFile:
     def permutation(self, i: int) -> np.ndarray:
         """permutation[j] = source index of neuron j (neurons are stored hot-first)."""
         return self._bytes(self.permutation_offsets[i], 4 * self.layers[i].n_ff).view(np.int32)
+
+    def predictor(self, i: int) -> "Predictor":
+        """Layer i's predictor; its outputs are in stored (hot-first) neuron order."""
+        from .predictor import Predictor
+
+        if i not in self.predictors:
+            raise FormatError(f"{self.path}: layer {self.layers[i].layer} has no predictor")
+        info, L = self.predictors[i], self.layers[i]
+        r, at = int(info["rank"]), int(info["offset"])
+        fc1 = self._bytes(at, 2 * L.n_embd * r).view(np.float16).reshape(L.n_embd, r)
+        at = _pad(at + 2 * L.n_embd * r)
+        fc2 = self._bytes(at, 2 * r * L.n_ff).view(np.float16).reshape(r, L.n_ff)
+        at = _pad(at + 2 * r * L.n_ff)
+        bias = self._bytes(at, 4 * L.n_ff).view(np.float32)
+        return Predictor(fc1.astype(np.float32), fc2.astype(np.float32), bias.copy(), float(info["threshold"]))
 
     def bundle_rows(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gate rows, up rows, down_t rows) as raw bytes, in stored (hot-first) order."""
@@ -181,6 +207,15 @@ class PowerInferFile:
             lines.append(f"{L.layer:5d}  {L.n_ff:5d}  {gguf.GGMLQuantizationType(L.gate_type).name:>6}/"
                          f"{gguf.GGMLQuantizationType(L.down_type).name:<6}       {L.cluster:7d}  {L.n_clusters:8d}  "
                          f"{L.bytes:11d}  {self.down_requant_error[i]:21.2e}  {share:12.1%}")
+        if self.predictors:
+            lines.append("layer  predictor rank  size vs FFN  held-out recall  precision  computed/true active")
+            for i, info in sorted(self.predictors.items()):
+                L = self.layers[i]
+                size = 2 * int(info["rank"]) * (L.n_embd + L.n_ff) + 4 * L.n_ff
+                true = float(self.frequency(i).mean())
+                lines.append(f"{L.layer:5d}  {int(info['rank']):14d}  {size / (3 * L.n_ff * L.gate_row_bytes):10.1%}  "
+                             f"{info['recall']:15.4f}  {info['precision']:9.3f}  "
+                             f"{info['predicted_fraction']:.3f}/{true:.3f}")
         disk = os.stat(self.path).st_blocks * 512
         lines.append(f"file: {os.path.getsize(self.path) / 2**30:.3f} GiB apparent, {disk / 2**30:.3f} GiB on disk")
         return "\n".join(lines)
@@ -203,10 +238,13 @@ def _down_type_for(src_type: int, n_embd: int) -> int:
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencies: dict[int, np.ndarray],
-            *, profile_tokens: int = 0, progress: Optional[Callable[[int, int], None]] = None) -> PowerInferFile:
+            *, profile_tokens: int = 0, predictors: Optional[dict[int, tuple["Predictor", "PredictorQuality"]]] = None,
+            progress: Optional[Callable[[int, int], None]] = None) -> PowerInferFile:
     """Write the PowerInfer file for `src` at `dst` (temp name, then rename).
 
-    `frequencies[layer]` is the per-neuron activation frequency (source order) from a profile."""
+    `frequencies[layer]` is the per-neuron activation frequency (source order) from a profile;
+    `predictors[layer]` a trained predictor (outputs in source order) and its held-out quality."""
+    predictors = predictors or {}
     src, dst = os.fspath(src), os.fspath(dst)
     header = _header(src, ["general.architecture"])
     arch = header["kv"].get("general.architecture", "")
@@ -240,18 +278,22 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
         L = LayerLayout(il, n_ff, n_embd, gate["type"], down_type, k, offset)
         layouts.append(L)
         offset = _pad(offset + L.bytes)
-    freq_offsets, perm_offsets = [], []
+    freq_offsets, perm_offsets, pred_offsets = [], [], {}
     for L in layouts:
         freq_offsets.append(offset)
         offset = _pad(offset + 4 * L.n_ff)
         perm_offsets.append(offset)
         offset = _pad(offset + 4 * L.n_ff)
+        if L.layer in predictors:
+            r = predictors[L.layer][0].rank
+            pred_offsets[L.layer] = offset
+            offset = _pad(_pad(_pad(offset + 2 * L.n_embd * r) + 2 * r * L.n_ff) + 4 * L.n_ff)
 
     out = Path(dst)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         _write(src, tmp, arch, layouts, freq_offsets, perm_offsets, offset, frequencies, ffn,
-               profile_tokens, progress)
+               profile_tokens, predictors, pred_offsets, progress)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -260,7 +302,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
 
 def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offsets: list[int],
            perm_offsets: list[int], region_size: int, frequencies: dict[int, np.ndarray],
-           ffn: dict[int, dict[str, dict]], profile_tokens: int,
+           ffn: dict[int, dict[str, dict]], profile_tokens: int, predictors: dict, pred_offsets: dict[int, int],
            progress: Optional[Callable[[int, int], None]]) -> None:
     data = np.memmap(src, mode="r")
 
@@ -305,6 +347,15 @@ def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offs
     w.set_u64_array(K + "frequency.offset", freq_offsets)
     w.set_u64_array(K + "permutation.offset", perm_offsets)
     w.set_f32_array(K + "down_requant_rel_rms", errors)
+    if predictors:
+        rows = [(L, *predictors[L.layer]) for L in layouts if L.layer in predictors]
+        w.set_u32_array(K + "predictor.layer", [L.layer for L, _, _ in rows])
+        w.set_u32_array(K + "predictor.rank", [p.rank for _, p, _ in rows])
+        w.set_u64_array(K + "predictor.offset", [pred_offsets[L.layer] for L, _, _ in rows])
+        w.set_f32_array(K + "predictor.threshold", [p.threshold for _, p, _ in rows])
+        w.set_f32_array(K + "predictor.recall", [q.recall for _, _, q in rows])
+        w.set_f32_array(K + "predictor.precision", [q.precision for _, _, q in rows])
+        w.set_f32_array(K + "predictor.predicted_fraction", [q.predicted_fraction for _, _, q in rows])
     tensors = w.add_source_tensors()
     meta = w.meta()
 
@@ -336,6 +387,19 @@ def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offs
             f.write(frequencies[L.layer][perms[L.layer]].astype(np.float32).tobytes())
             f.seek(region + po)
             f.write(perms[L.layer].tobytes())
+        for L in layouts:
+            if L.layer not in predictors:
+                continue
+            p, perm = predictors[L.layer][0], perms[L.layer]
+            at = region + pred_offsets[L.layer]
+            f.seek(at)
+            f.write(p.fc1.astype(np.float16).tobytes())
+            at = _pad(at + 2 * L.n_embd * p.rank)
+            f.seek(at)
+            f.write(np.ascontiguousarray(p.fc2[:, perm]).astype(np.float16).tobytes())
+            at = _pad(at + 2 * p.rank * L.n_ff)
+            f.seek(at)
+            f.write(p.bias[perm].astype(np.float32).tobytes())
         f.truncate(region + region_size)
 
 

@@ -62,7 +62,7 @@ def choose_rank(n_embd: int, n_ff: int, ffn_bytes: int, budget: float = 0.10, ma
     return r
 
 
-def _set_threshold(p: Predictor, x: np.ndarray, active: np.ndarray, target_recall: float) -> None:
+def set_threshold(p: Predictor, x: np.ndarray, active: np.ndarray, target_recall: float) -> None:
     """The highest threshold that keeps `target_recall` of the active neurons of these samples."""
     s = p.scores(x)[active]
     p.threshold = float(np.quantile(s, 1.0 - target_recall)) if s.size else float("inf")
@@ -128,5 +128,35 @@ def train_predictor(x: np.ndarray, active: np.ndarray, *, rank: int, x_val: Opti
     pred = Predictor(fc1=w1 * scale, fc2=w2, bias=b, threshold=0.0)
     xv = x if x_val is None else x_val.astype(np.float32)
     av = active if active_val is None else active_val
-    _set_threshold(pred, xv, av.astype(bool), target_recall)
+    set_threshold(pred, xv, av.astype(bool), target_recall)
     return pred, evaluate(pred, xv, av.astype(bool))
+
+
+def as_stored(p: Predictor) -> Predictor:
+    """The predictor with its weights rounded to F16, as the model file stores them."""
+    return Predictor(p.fc1.astype(np.float16).astype(np.float32), p.fc2.astype(np.float16).astype(np.float32),
+                     p.bias.astype(np.float32), p.threshold)
+
+
+def train_layer_predictors(train_layers: list, held_out_layers: list, ffn_bytes: dict[int, int], *,
+                           target_recall: float = 0.995, validation_fraction: float = 0.1,
+                           progress: Optional[callable] = None) -> dict[int, tuple[Predictor, PredictorQuality]]:
+    """One predictor per profiled layer (LayerProfile lists with samples): trained on the first
+    samples, thresholded on the rest, judged on held-out text. Weights are rounded to F16 before
+    the threshold is set, so the reported quality is that of the stored predictor."""
+    out: dict[int, tuple[Predictor, PredictorQuality]] = {}
+    for il, (train, held) in enumerate(zip(train_layers, held_out_layers)):
+        n = len(train.samples_x)
+        if n < 64 or len(held.samples_x) == 0:
+            continue
+        n_fit = int(n * (1 - validation_fraction))
+        x_fit, a_fit = train.samples_x[:n_fit], train.samples_active[:n_fit]
+        x_val, a_val = train.samples_x[n_fit:], train.samples_active[n_fit:]
+        rank = choose_rank(x_fit.shape[1], train.n_ff, ffn_bytes[il])
+        p, _ = train_predictor(x_fit, a_fit, rank=rank, x_val=x_val, active_val=a_val, target_recall=target_recall)
+        p = as_stored(p)
+        set_threshold(p, x_val.astype(np.float32), a_val, target_recall)
+        out[il] = (p, evaluate(p, held.samples_x, held.samples_active))
+        if progress is not None:
+            progress(il)
+    return out
