@@ -129,6 +129,10 @@ def test_cli_convert_refuses_a_profile_of_another_model(synthetic_models: dict[s
     proc = subprocess.run([sys.executable, "-m", "powerinfer", "convert", str(synthetic_models["q8_0"]),
                            str(tmp_path / "o.gguf"), "--profile", str(prof), "--quiet"],
                           capture_output=True, text=True)
+    assert proc.returncode == 1 and "no samples" in proc.stderr  # predictors need samples
+    proc = subprocess.run([sys.executable, "-m", "powerinfer", "convert", str(synthetic_models["q8_0"]),
+                           str(tmp_path / "o.gguf"), "--profile", str(prof), "--no-predictors", "--quiet"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([sys.executable, "-m", "powerinfer", "inspect", str(tmp_path / "o.gguf")],
                           capture_output=True, text=True)
