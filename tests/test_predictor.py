@@ -47,10 +47,11 @@ def test_predictors_are_stored_with_their_held_out_quality(synthetic_models: dic
     from powerinfer.predictor import evaluate, train_layer_predictors
 
     path = synthetic_models["q8_0"]
-    train = profile_model(path, calibration_texts(), max_tokens=2048, threads=THREADS, max_samples=2048)
-    held = profile_model(path, calibration_texts(held_out=True), max_tokens=384, threads=THREADS, max_samples=384)
+    train = profile_model(path, calibration_texts(part="train"), max_tokens=4096, threads=THREADS, max_samples=4096)
+    val = profile_model(path, calibration_texts(part="validation"), max_tokens=512, threads=THREADS, max_samples=512)
+    held = profile_model(path, calibration_texts(part="held_out"), max_tokens=512, threads=THREADS, max_samples=512)
     ffn_bytes = {il: 3 * 2048 * 544 for il in range(4)}  # Q8_0 rows of 512: 544 bytes
-    predictors = train_layer_predictors(train.layers, held.layers, ffn_bytes)
+    predictors = train_layer_predictors(train.layers, val.layers, held.layers, ffn_bytes)
     assert sorted(predictors) == [0, 1, 2, 3]
     pf = fmt.convert(path, tmp_path / "m.gguf", train.frequencies(), predictors=predictors)
     for i, L in enumerate(pf.layers):
@@ -62,5 +63,5 @@ def test_predictors_are_stored_with_their_held_out_quality(synthetic_models: dic
         q = evaluate(stored, held.layers[L.layer].samples_x, active)
         assert abs(q.recall - pf.predictors[i]["recall"]) < 1e-4
         assert abs(q.predicted_fraction - pf.predictors[i]["predicted_fraction"]) < 1e-4
-        assert q.recall > 0.9
+        assert q.recall >= 0.99  # issue 3's target, on documents the predictor never saw
     assert "held-out recall" in pf.summary()

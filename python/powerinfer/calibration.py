@@ -56,15 +56,26 @@ def stdlib_docstrings(min_chars: int = 80) -> list[str]:
     return out
 
 
-def is_held_out(text: str, fraction: float = 0.1) -> bool:
-    """A stable split: the same text is always on the same side, whatever the order."""
+PARTS = ("train", "validation", "held_out")
+
+
+def part_of(text: str) -> str:
+    """A stable three-way split by content hash (80 / 10 / 10 %): the same text always lands in
+    the same part, whatever the order, and the parts share no document."""
     digest = hashlib.sha256(text.encode("utf-8", "replace")).digest()
-    return int.from_bytes(digest[:4], "little") < fraction * 2**32
+    u = int.from_bytes(digest[:4], "little") / 2**32
+    return "held_out" if u < 0.1 else ("validation" if u < 0.2 else "train")
 
 
-def calibration_texts(path: str | Path | None = None, held_out: bool = False) -> Iterator[str]:
-    """Training (or held-out) calibration texts: a user's file split into paragraphs, or the
-    standard library's docstrings."""
+def is_held_out(text: str) -> bool:
+    return part_of(text) == "held_out"
+
+
+def calibration_texts(path: str | Path | None = None, held_out: bool = False,
+                      part: str | None = None) -> Iterator[str]:
+    """Calibration texts of one part (default: train, or held_out when `held_out`): a user's
+    file split into paragraphs, or the standard library's docstrings. The train part includes
+    the validation part unless `part` asks for one of them explicitly."""
     if path is not None:
         raw = Path(path).read_text(encoding="utf-8", errors="replace")
         texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
@@ -72,6 +83,9 @@ def calibration_texts(path: str | Path | None = None, held_out: bool = False) ->
             raise ValueError(f"calibration file {path} holds no text")
     else:
         texts = stdlib_docstrings()
+    if part is not None and part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; one of {', '.join(PARTS)}")
+    wanted = {part} if part is not None else ({"held_out"} if held_out else {"train", "validation"})
     for text in texts:
-        if is_held_out(text) == held_out:
+        if part_of(text) in wanted:
             yield text

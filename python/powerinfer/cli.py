@@ -69,22 +69,26 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raise FormatError(f"profile {args.profile} was made for another model ({prof.model_path})")
     else:
         with tqdm(total=args.tokens, unit="tok", desc="profiling", disable=args.quiet) as bar:
-            prof = profile_model(args.model, calibration_texts(args.calibration), max_tokens=args.tokens,
-                                 threads=args.threads, max_samples=samples, progress=bar.update)
+            prof = profile_model(args.model, calibration_texts(args.calibration, part="train"),
+                                 max_tokens=args.tokens, threads=args.threads, max_samples=samples,
+                                 progress=bar.update)
     predictors = None
     if args.predictors:
         from .predictor import train_layer_predictors
 
         if not all(len(layer.samples_x) for layer in prof.layers):
             raise FormatError("the profile holds no samples: profile with --samples, or convert without --profile")
-        held_tokens = max(256, args.tokens // 8)
-        with tqdm(total=held_tokens, unit="tok", desc="held-out profile", disable=args.quiet) as bar:
-            held = profile_model(args.model, calibration_texts(args.calibration, held_out=True), max_tokens=held_tokens,
-                                 threads=args.threads, max_samples=held_tokens, progress=bar.update)
+        small = max(256, args.tokens // 8)
+        other = {}
+        for part in ("validation", "held_out"):
+            with tqdm(total=small, unit="tok", desc=f"{part} profile", disable=args.quiet) as bar:
+                other[part] = profile_model(args.model, calibration_texts(args.calibration, part=part),
+                                            max_tokens=small, threads=args.threads, max_samples=small,
+                                            progress=bar.update)
         ffn_bytes = _ffn_bytes(args.model)
         with tqdm(total=len(prof.layers), unit="layer", desc="training predictors", disable=args.quiet) as bar:
-            predictors = train_layer_predictors(prof.layers, held.layers, ffn_bytes,
-                                                progress=lambda _: bar.update(1))
+            predictors = train_layer_predictors(prof.layers, other["validation"].layers, other["held_out"].layers,
+                                                ffn_bytes, progress=lambda _: bar.update(1))
     with tqdm(total=1, unit="step", desc="writing bundles", disable=args.quiet) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total

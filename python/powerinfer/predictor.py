@@ -138,24 +138,22 @@ def as_stored(p: Predictor) -> Predictor:
                      p.bias.astype(np.float32), p.threshold)
 
 
-def train_layer_predictors(train_layers: list, held_out_layers: list, ffn_bytes: dict[int, int], *,
-                           target_recall: float = 0.995, validation_fraction: float = 0.1,
+def train_layer_predictors(train_layers: list, validation_layers: list, held_out_layers: list,
+                           ffn_bytes: dict[int, int], *, target_recall: float = 0.995,
                            progress: Optional[callable] = None) -> dict[int, tuple[Predictor, PredictorQuality]]:
-    """One predictor per profiled layer (LayerProfile lists with samples): trained on the first
-    samples, thresholded on the rest, judged on held-out text. Weights are rounded to F16 before
-    the threshold is set, so the reported quality is that of the stored predictor."""
+    """One predictor per profiled layer (LayerProfile lists with samples): trained on the train
+    samples, thresholded on validation samples from other documents, judged on held-out
+    documents. Weights are rounded to F16 before the threshold is set, so the reported quality
+    is that of the stored predictor."""
     out: dict[int, tuple[Predictor, PredictorQuality]] = {}
-    for il, (train, held) in enumerate(zip(train_layers, held_out_layers)):
-        n = len(train.samples_x)
-        if n < 64 or len(held.samples_x) == 0:
+    for il, (train, val, held) in enumerate(zip(train_layers, validation_layers, held_out_layers)):
+        if len(train.samples_x) < 64 or len(val.samples_x) == 0 or len(held.samples_x) == 0:
             continue
-        n_fit = int(n * (1 - validation_fraction))
-        x_fit, a_fit = train.samples_x[:n_fit], train.samples_active[:n_fit]
-        x_val, a_val = train.samples_x[n_fit:], train.samples_active[n_fit:]
-        rank = choose_rank(x_fit.shape[1], train.n_ff, ffn_bytes[il])
-        p, _ = train_predictor(x_fit, a_fit, rank=rank, x_val=x_val, active_val=a_val, target_recall=target_recall)
+        rank = choose_rank(train.samples_x.shape[1], train.n_ff, ffn_bytes[il])
+        p, _ = train_predictor(train.samples_x, train.samples_active, rank=rank, x_val=val.samples_x,
+                               active_val=val.samples_active, target_recall=target_recall)
         p = as_stored(p)
-        set_threshold(p, x_val.astype(np.float32), a_val, target_recall)
+        set_threshold(p, val.samples_x.astype(np.float32), val.samples_active, target_recall)
         out[il] = (p, evaluate(p, held.samples_x, held.samples_active))
         if progress is not None:
             progress(il)

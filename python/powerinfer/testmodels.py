@@ -12,6 +12,8 @@ only one tensor's worth of memory. How sparsity is planted (see docs/test-models
   with ``c`` set so that the mean is the requested active fraction. ``skew=0`` is uniform.
 * Token-to-token locality: queries and keys are near zero, so attention averages the past; the
   attention output is scaled by ``locality``, mixing a slowly varying history into each token.
+* Anisotropy: embedding dimension k (k >= 1) has variance ~ k^-spectrum_decay (mean 1), as hidden
+  states of real models concentrate in few directions; this is what predictors exploit.
 """
 from __future__ import annotations
 
@@ -71,6 +73,7 @@ class Sparsity:
     active_fraction: float = 0.1  # mean fraction of FFN neurons whose gate is > 0 per token
     skew: float = 1.0             # power-law exponent of neuron firing frequency (0 = uniform)
     locality: float = 0.5         # weight of the attention history in each token's input
+    spectrum_decay: float = 1.5   # hidden-state variance of dimension k ~ k^-decay (0 = isotropic)
 
 
 def firing_probabilities(n: int, active_fraction: float, skew: float, rng: np.random.Generator) -> np.ndarray:
@@ -167,8 +170,14 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
     def normal(rows: int, cols: int, std: float) -> np.ndarray:
         return rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std)
 
+    # hidden states of real models are anisotropic: a few directions carry most of the variance,
+    # which is what makes FFN activity predictable from a low-rank view of the input
+    spectrum = np.arange(1, n, dtype=np.float64) ** (-sparsity.spectrum_decay / 2)
+    spectrum = (spectrum / np.sqrt(np.mean(spectrum ** 2))).astype(np.float32)
+
     def embedding() -> np.ndarray:
         e = normal(shape.n_vocab, n, 1.0)
+        e[:, 1:] *= spectrum
         e[:, 0] = math.sqrt(n)
         return e
 
@@ -255,6 +264,7 @@ def write_test_model(path: str | os.PathLike[str], *, preset: str = "tiny", wtyp
     w.add_float32("powerinfer.synthetic.active_fraction", sparsity.active_fraction)
     w.add_float32("powerinfer.synthetic.skew", sparsity.skew)
     w.add_float32("powerinfer.synthetic.locality", sparsity.locality)
+    w.add_float32("powerinfer.synthetic.spectrum_decay", sparsity.spectrum_decay)
     w.add_uint32("powerinfer.synthetic.seed", seed)
 
     plans = list(_plan(shape, qtype, sparsity, rng))
