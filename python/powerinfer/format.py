@@ -25,8 +25,6 @@ ARCH = "powerinfer"
 ALIGN = 4096
 MAX_CLUSTER = 128
 FFN_NAME = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
-# types whose rows ggml can re-quantize after transposing ffn_down (no importance matrix needed)
-EXACT_TRANSPOSE = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 SUPPORTED_ARCHS = ("llama", "mistral", "gemma3", "qwen2", "qwen3", "bamboo")
 
 K = "powerinfer."

@@ -8,7 +8,7 @@ target recall is met there, and precision and the predicted-active fraction are 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -140,7 +140,7 @@ def as_stored(p: Predictor) -> Predictor:
 
 def train_layer_predictors(train_layers: list, validation_layers: list, held_out_layers: list,
                            ffn_bytes: dict[int, int], *, target_recall: float = 0.995,
-                           progress: Optional[callable] = None) -> dict[int, tuple[Predictor, PredictorQuality]]:
+                           progress: Optional[Callable[[int], None]] = None) -> dict[int, tuple[Predictor, PredictorQuality]]:
     """One predictor per profiled layer (LayerProfile lists with samples): trained on the train
     samples, thresholded on validation samples from other documents, judged on held-out
     documents. Weights are rounded to F16 before the threshold is set, so the reported quality
