@@ -122,12 +122,17 @@ def _layer_from_native(d: dict) -> LayerProfile:
 
 def profile_model(model_path: str | os.PathLike[str], texts: Iterable[str], *, max_tokens: int = 16384,
                   n_ctx: int = 512, threads: Optional[int] = None, max_samples: int = 0,
+                  ffn_on_disk: bool = True,
                   progress: Optional[Callable[[int], None]] = None) -> ModelProfile:
     """Run `texts` through the model (each text in windows of n_ctx tokens, from an empty
-    cache) until max_tokens tokens have been seen, and return the per-layer profile."""
+    cache) until max_tokens tokens have been seen, and return the per-layer profile.
+
+    The FFN stays on disk by default: a window of n_ctx tokens reads each FFN matrix once, which
+    is cheap next to computing it, and a model larger than RAM can be profiled."""
     profiler = _core.Profiler(max_samples)
     llm = Llama(os.fspath(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
                 n_threads_batch=threads, verbose=False, logits_all=True,  # the last layer sees every token
+                ffn_on_disk=ffn_on_disk,
                 eval_callback=(profiler.callback_address, profiler.user_data))
     seen = 0
     try:
