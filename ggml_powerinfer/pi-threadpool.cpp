@@ -16,10 +16,6 @@ void pi_threadpool_free(pi_threadpool * pool) {
     delete pool;
 }
 
-int pi_threadpool_n_threads(const pi_threadpool * pool) {
-    return pool->n_threads;
-}
-
 void pi_threadpool_run(pi_threadpool * pool, pi_task_fn fn, void * user_data) {
     if (pool->n_threads == 1) {
         fn(0, 1, user_data);

@@ -12,7 +12,6 @@ typedef void (*pi_task_fn)(int ith, int nth, void * user_data);
 
 pi_threadpool * pi_threadpool_new(int n_threads);
 void            pi_threadpool_free(pi_threadpool * pool);
-int             pi_threadpool_n_threads(const pi_threadpool * pool);
 
 // Runs fn(ith, nth, user_data) for ith in [0, nth) and returns when all have finished. nth may
 // be smaller than n_threads if the OpenMP runtime grants fewer threads.
