@@ -158,6 +158,13 @@ public:
     void set_f32_array(const std::string & k, const std::vector<float> & v) {
         gguf_set_arr_data(dst_.get(), k.c_str(), GGUF_TYPE_FLOAT32, v.data(), v.size());
     }
+    void set_str_array(const std::string & k, const std::vector<std::string> & v) {
+        std::vector<const char *> ptrs;
+        for (const std::string & x : v) {
+            ptrs.push_back(x.c_str());
+        }
+        gguf_set_arr_str(dst_.get(), k.c_str(), ptrs.data(), ptrs.size());
+    }
 
     // Adds the source's tensor infos (same names, types, shapes) once the alignment is set;
     // returns their source and destination offsets (destination relative to data start).
@@ -222,6 +229,7 @@ void register_gguf_meta(py::module_ & m) {
         .def("set_u32_array", &HeaderWriter::set_u32_array)
         .def("set_u64_array", &HeaderWriter::set_u64_array)
         .def("set_f32_array", &HeaderWriter::set_f32_array)
+        .def("set_str_array", &HeaderWriter::set_str_array)
         .def("add_source_tensors", &HeaderWriter::add_source_tensors)
         .def("meta", &HeaderWriter::meta);
 }

@@ -1,5 +1,6 @@
 #include "pi-compute.h"
 
+#include "pi-ffn-dense.h"
 #include "pi-log.h"
 #include "pi-matmul.h"
 #include "pi-slot.h"
@@ -30,6 +31,8 @@ struct pi_compute_context {
     std::vector<struct ggml_tensor> node_copies; // matmul nodes re-pointed at host weights
     std::vector<struct ggml_tensor *> cpu_nodes; // the run of nodes for the CPU kernels
     struct ggml_threadpool * cpu_pool = nullptr; // ggml's bookkeeping for those runs
+    std::vector<char> custom_mem;   // custom-op nodes (bundled layers) of the current split
+    struct ggml_context * custom_ctx = nullptr;
 };
 
 static uint64_t now_ns() {
@@ -174,6 +177,51 @@ static enum ggml_status compute_mul_mat(pi_compute_context * ctx, struct ggml_te
     return GGML_STATUS_SUCCESS;
 }
 
+// A custom op standing in for `node`, writing node's output, with the given sources.
+static struct ggml_tensor * custom_node(pi_compute_context * ctx, const struct ggml_tensor * node, ggml_custom_op_t fun,
+                                        struct ggml_tensor * a, struct ggml_tensor * b, void * userdata) {
+    struct ggml_tensor * args[2] = { a, b };
+    struct ggml_tensor * op = ggml_custom_4d(ctx->custom_ctx, GGML_TYPE_F32, node->ne[0], node->ne[1], node->ne[2], node->ne[3],
+                                             args, 2, fun, GGML_N_TASKS_MAX, userdata);
+    op->data   = node->data;
+    op->flags |= GGML_TENSOR_FLAG_COMPUTE; // ggml's CPU backend skips nodes without it
+    for (int k = 0; k < GGML_MAX_DIMS; k++) {
+        op->nb[k] = node->nb[k];
+    }
+    return op;
+}
+
+// Bundled (PowerInfer) layers in RAM: gate and up are plain hot-first matrices for ggml's
+// kernels; down is held as down_t and the activation may be one llama.cpp's graph lacks.
+// Returns false when the node is not such a special case.
+static bool add_bundled_node(pi_compute_context * ctx, struct ggml_tensor * node) {
+    int which = -1;
+    if (node->op == GGML_OP_MUL_MAT) {
+        const pi_bundle_layer * L = pi_bundle_layer_of(node->src[0], &which);
+        if (L == nullptr || which != 2) {
+            return false;
+        }
+        pi_model_slot * slot = pi_slot_of_tensor(node->src[0]);
+        slot->counters.ffn_matmuls++;
+        slot->counters.ffn_rows_computed += (uint64_t) (L->n_ff*node->src[1]->ne[1]);
+        ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_t_op, node->src[1], pi_ram_host_tensor(node->src[0]), nullptr));
+        return true;
+    }
+    if (node->op == GGML_OP_GLU && node->src[1] != nullptr && node->src[0]->op == GGML_OP_MUL_MAT &&
+        node->src[1]->op == GGML_OP_MUL_MAT) {
+        int w0 = -1, w1 = -1;
+        const pi_bundle_layer * L = pi_bundle_layer_of(node->src[0]->src[0], &w0);
+        if (L == nullptr || L->activation == PI_ACT_GRAPH || pi_bundle_layer_of(node->src[1]->src[0], &w1) != L) {
+            return false;
+        }
+        struct ggml_tensor * gate = w0 == 0 ? node->src[0] : node->src[1];
+        struct ggml_tensor * up   = w0 == 0 ? node->src[1] : node->src[0];
+        ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_activation_op, gate, up, (void *) L));
+        return true;
+    }
+    return false;
+}
+
 enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph * cgraph) {
     const uint64_t t0 = now_ns();
     pi_model_slot * slot = nullptr;
@@ -183,6 +231,16 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
     if ((int) ctx->node_copies.size() < n_nodes) {
         ctx->node_copies.resize(n_nodes); // no reallocation below: cpu_nodes points into it
     }
+    const size_t custom_size = (size_t) n_nodes * ggml_tensor_overhead();
+    if (ctx->custom_mem.size() < custom_size) {
+        ctx->custom_mem.resize(custom_size);
+    }
+    struct ggml_init_params custom_params = { custom_size, ctx->custom_mem.data(), /*.no_alloc =*/ true };
+    ctx->custom_ctx = ggml_init(custom_params);
+    struct custom_ctx_guard {
+        pi_compute_context * c;
+        ~custom_ctx_guard() { ggml_free(c->custom_ctx); c->custom_ctx = nullptr; }
+    } guard{ctx};
 
     for (int i = 0; i < n_nodes; i++) {
         struct ggml_tensor * node = ggml_graph_node(cgraph, i);
@@ -200,11 +258,15 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
             case GGML_OP_MUL_MAT:
                 slot     = pi_slot_of_tensor(node->src[0]);
                 n_tokens = node->src[1]->ne[1];
-                status   = compute_mul_mat(ctx, node);
+                if (!add_bundled_node(ctx, node)) {
+                    status = compute_mul_mat(ctx, node);
+                }
                 break;
             default:
                 // the activation, through ggml's kernels so it rounds exactly like stock
-                ctx->cpu_nodes.push_back(node);
+                if (!add_bundled_node(ctx, node)) {
+                    ctx->cpu_nodes.push_back(node);
+                }
                 break;
         }
         if (status != GGML_STATUS_SUCCESS) {

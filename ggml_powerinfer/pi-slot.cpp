@@ -2,10 +2,13 @@
 #include "pi-log.h"
 
 #include "ggml-cpu.h"
+#include "gguf.h"
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <sys/mman.h>
+#include <unordered_map>
 #include <vector>
 
 // Tensor data alignment inside our buffers: matches the CPU backend, and keeps rows aligned for
@@ -44,8 +47,10 @@ static void read_from_model_file(pi_model_slot * slot, const struct ggml_tensor 
 //
 
 struct pi_ram_tensor {
-    struct ggml_tensor    host; // the weight as the CPU kernels see it
-    ggml_backend_buffer_t buf;
+    struct ggml_tensor      host; // the weight as the CPU kernels see it
+    ggml_backend_buffer_t   buf;
+    const pi_bundle_layer * bundle = nullptr; // PowerInfer model: the layer the weight is read from
+    int                     which  = -1;      // 0 gate, 1 up, 2 down (held as down_t)
 };
 
 struct pi_ram_buffer {
@@ -53,6 +58,9 @@ struct pi_ram_buffer {
     void *                       base;
     size_t                       size;
     std::vector<pi_ram_tensor *> tensors;
+    // bundled layers whose gate, up and down are not all placed yet: the layer is read from
+    // the bundles once all three have memory
+    std::unordered_map<int, std::array<pi_ram_tensor *, 3>> pending;
 };
 
 static ggml_backend_dev_t cpu_device(void) {
@@ -117,23 +125,96 @@ static void * ram_buffer_get_base(ggml_backend_buffer_t buffer) {
     return ((pi_ram_buffer *) buffer->context)->base;
 }
 
+// Reads a bundled layer into its three weights: gate and up as contiguous hot-first matrices
+// (repacked by the CPU backend where it would repack them), down as down_t.
+static bool load_bundled_layer(pi_model_slot * slot, const std::array<pi_ram_tensor *, 3> & parts) {
+    const pi_bundle_layer * L = parts[0]->bundle;
+    std::vector<char> staging[2];
+    void * dst[3];
+    for (int i = 0; i < 3; i++) {
+        struct ggml_tensor * host = &parts[i]->host;
+        if (host->buffer->buft == ggml_backend_cpu_buffer_type()) {
+            dst[i] = host->data;
+        } else {
+            staging[i].resize(ggml_nbytes(host));
+            dst[i] = staging[i].data();
+        }
+    }
+    std::string err;
+    if (!pi_bundle_read_layer(&slot->file, L, dst[0], dst[1], dst[2], &err)) {
+        pi_log_error("cannot read the neuron bundles of layer %d from %s: %s\n", L->layer, slot->path.c_str(), err.c_str());
+        return false;
+    }
+    for (int i = 0; i < 2; i++) {
+        if (!staging[i].empty()) {
+            ggml_backend_tensor_set(&parts[i]->host, staging[i].data(), 0, staging[i].size());
+        }
+    }
+    return true;
+}
+
+// For a FFN weight of a PowerInfer model: its layer in the bundle table, after checking that
+// the shapes llama.cpp expects agree with the table.
+static const pi_bundle_layer * bundled_layer_for(pi_model_slot * slot, const struct ggml_tensor * tensor, int * which) {
+    int block = -1;
+    *which = pi_bundle_ffn_tensor(tensor->name, &block);
+    const pi_bundle_layer * L = *which >= 0 ? slot->bundles.find(block) : nullptr;
+    if (L == nullptr) {
+        pi_log_error("%s is not in the neuron bundles of %s\n", tensor->name, slot->path.c_str());
+        return nullptr;
+    }
+    const bool down = *which == 2;
+    const int64_t ne0 = down ? L->n_ff : L->n_embd;
+    const int64_t ne1 = down ? L->n_embd : L->n_ff;
+    if (tensor->ne[0] != ne0 || tensor->ne[1] != ne1 || tensor->ne[2] != 1 || tensor->ne[3] != 1 ||
+        (!down && (int) tensor->type != L->gate_type)) {
+        pi_log_error("%s: shape or type differs from the neuron bundles of layer %d in %s\n",
+                     tensor->name, L->layer, slot->path.c_str());
+        return nullptr;
+    }
+    return L;
+}
+
 static enum ggml_status ram_buffer_init_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor) {
     pi_ram_buffer * ctx = (pi_ram_buffer *) buffer->context;
+    pi_model_slot * slot = ctx->slot;
     if (tensor->view_src != nullptr) {
         pi_log_error("views of weights are not supported (%s)\n", tensor->name);
         return GGML_STATUS_FAILED;
     }
-    ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(choose_cpu_buft(ctx->slot, tensor), ggml_nbytes(tensor));
+    const pi_bundle_layer * L = nullptr;
+    int which = -1;
+    if (slot->powerinfer && (L = bundled_layer_for(slot, tensor, &which)) == nullptr) {
+        return GGML_STATUS_FAILED;
+    }
+    struct ggml_tensor host = *tensor;
+    host.buffer = nullptr;
+    host.data   = nullptr;
+    host.extra  = nullptr;
+    ggml_backend_buffer_type_t buft;
+    if (which == 2) {
+        // ffn_down is held transposed (down_t): rows of n_embd, one per neuron
+        host.type  = (enum ggml_type) L->down_type;
+        host.ne[0] = L->n_embd;
+        host.ne[1] = L->n_ff;
+        host.nb[0] = ggml_type_size(host.type);
+        host.nb[1] = L->down_row;
+        host.nb[2] = host.nb[1]*host.ne[1];
+        host.nb[3] = host.nb[2];
+        buft = ggml_backend_cpu_buffer_type();
+    } else {
+        buft = choose_cpu_buft(slot, tensor);
+    }
+    ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, ggml_nbytes(&host));
     if (buf == nullptr) {
-        pi_log_error("cannot allocate %zu bytes for %s\n", ggml_nbytes(tensor), tensor->name);
+        pi_log_error("cannot allocate %zu bytes for %s\n", ggml_nbytes(&host), tensor->name);
         return GGML_STATUS_ALLOC_FAILED;
     }
     pi_ram_tensor * t = new pi_ram_tensor;
-    t->host          = *tensor;
-    t->host.buffer   = nullptr;
-    t->host.data     = nullptr;
-    t->host.extra    = nullptr;
-    t->buf           = buf;
+    t->host   = host;
+    t->buf    = buf;
+    t->bundle = L;
+    t->which  = which;
     enum ggml_status status = ggml_backend_tensor_alloc(buf, &t->host, ggml_backend_buffer_get_base(buf));
     if (status != GGML_STATUS_SUCCESS) {
         ggml_backend_buffer_free(buf);
@@ -142,17 +223,35 @@ static enum ggml_status ram_buffer_init_tensor(ggml_backend_buffer_t buffer, str
     }
     ctx->tensors.push_back(t);
     tensor->extra = t;
-    ctx->slot->weight_bytes   += ggml_nbytes(tensor);
-    ctx->slot->resident_bytes += ggml_backend_buffer_get_size(buf);
+    slot->weight_bytes   += ggml_nbytes(tensor);
+    slot->resident_bytes += ggml_backend_buffer_get_size(buf);
+
+    if (L != nullptr) {
+        std::array<pi_ram_tensor *, 3> & parts = ctx->pending[L->layer];
+        parts[which] = t;
+        if (parts[0] != nullptr && parts[1] != nullptr && parts[2] != nullptr) {
+            const bool ok = load_bundled_layer(slot, parts);
+            ctx->pending.erase(L->layer);
+            if (!ok) {
+                return GGML_STATUS_FAILED; // llama.cpp fails the load with our message logged
+            }
+        }
+    }
     return GGML_STATUS_SUCCESS;
 }
 
 static void ram_buffer_memset_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor, uint8_t value, size_t offset, size_t size) {
+    if (((pi_ram_tensor *) tensor->extra)->bundle != nullptr) {
+        return; // read from the bundles; the GGUF region of the tensor is a hole
+    }
     ggml_backend_tensor_memset(pi_ram_host_tensor(tensor), value, offset, size);
     GGML_UNUSED(buffer);
 }
 
 static void ram_buffer_set_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor, const void * data, size_t offset, size_t size) {
+    if (((pi_ram_tensor *) tensor->extra)->bundle != nullptr) {
+        return; // the loader read the tensor's hole in the GGUF: the weight came from the bundles
+    }
     struct ggml_tensor * host = pi_ram_host_tensor(tensor);
     if (host->buffer->buft != ggml_backend_cpu_buffer_type() && (offset != 0 || size != ggml_nbytes(tensor))) {
         // a repacked weight can only be written whole; llama.cpp's loader always does that
@@ -165,6 +264,12 @@ static void ram_buffer_set_tensor(ggml_backend_buffer_t buffer, struct ggml_tens
 
 static void ram_buffer_get_tensor(ggml_backend_buffer_t buffer, const struct ggml_tensor * tensor, void * data, size_t offset, size_t size) {
     pi_ram_buffer * ctx = (pi_ram_buffer *) buffer->context;
+    if (((pi_ram_tensor *) tensor->extra)->bundle != nullptr) {
+        // neurons are stored hot-first and down transposed: not the source layout
+        pi_log_error("reading bundled weight %s back is not supported\n", tensor->name);
+        memset(data, 0, size);
+        return;
+    }
     struct ggml_tensor * host = pi_ram_host_tensor(tensor);
     if (host->buffer->buft == ggml_backend_cpu_buffer_type()) {
         ggml_backend_tensor_get(host, data, offset, size);
@@ -285,7 +390,7 @@ static ggml_backend_buffer_t slot_buft_alloc_buffer(ggml_backend_buffer_type_t b
     }
     slot->refs++;
     if (slot->residency == PI_RESIDENCY_RAM) {
-        pi_ram_buffer * ctx = new pi_ram_buffer{ slot, base, alloc_size, {} };
+        pi_ram_buffer * ctx = new pi_ram_buffer{ slot, base, alloc_size, {}, {} };
         return ggml_backend_buffer_init(buft, pi_ram_buffer_i, ctx, size);
     }
     pi_disk_buffer * ctx = new pi_disk_buffer{ slot, base, alloc_size };
@@ -332,6 +437,16 @@ struct ggml_tensor * pi_ram_host_tensor(const struct ggml_tensor * t) {
     return &((pi_ram_tensor *) t->extra)->host;
 }
 
+const pi_bundle_layer * pi_bundle_layer_of(const struct ggml_tensor * t, int * which) {
+    pi_model_slot * slot = pi_slot_of_tensor(t);
+    if (slot == nullptr || !slot->powerinfer || slot->residency != PI_RESIDENCY_RAM) {
+        return nullptr;
+    }
+    const pi_ram_tensor * rt = (const pi_ram_tensor *) (t->view_src ? t->view_src->extra : t->extra);
+    *which = rt->which;
+    return rt->bundle;
+}
+
 //
 // Public slot API
 //
@@ -346,6 +461,30 @@ pi_model_slot_t pi_model_slot_new(const char * path, enum pi_residency residency
         if (err != nullptr && err_size > 0) {
             snprintf(err, err_size, "%s", why.c_str());
         }
+        delete slot;
+        return nullptr;
+    }
+    struct gguf_init_params params = { /*.no_alloc =*/ true, /*.ctx =*/ nullptr };
+    struct gguf_context * gguf = gguf_init_from_file(path, params);
+    slot->powerinfer = gguf != nullptr && pi_bundle_is_powerinfer(gguf);
+    bool ok = gguf != nullptr;
+    if (slot->powerinfer) {
+        ok = pi_bundle_index_read(gguf, slot->file.file_size, &slot->bundles, &why);
+        why = std::string(path) + ": " + why;
+        if (ok && residency != PI_RESIDENCY_RAM) {
+            ok  = false;
+            why = "a PowerInfer model cannot yet keep its FFN on disk (that arrives with the neuron cache); "
+                  "open it with the FFN in memory";
+        }
+    }
+    if (gguf != nullptr) {
+        gguf_free(gguf);
+    }
+    if (!ok) {
+        if (err != nullptr && err_size > 0) {
+            snprintf(err, err_size, "%s", why.c_str());
+        }
+        pi_file_close(&slot->file);
         delete slot;
         return nullptr;
     }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "ggml-powerinfer.h"
+#include "pi-bundle.h"
 #include "pi-file.h"
 
 #include "ggml-backend-impl.h"
@@ -26,6 +27,8 @@ struct pi_model_slot {
     pi_residency  residency;
     bool          repack;  // RAM: let ggml's CPU backend repack weights as stock would
     pi_file       file; // the model file and its tensor index
+    bool          powerinfer = false; // a PowerInfer model: the FFN lives in neuron bundles
+    pi_bundle_index bundles;
     std::string   buft_name;
     struct ggml_backend_buffer_type buft;
 
@@ -41,6 +44,11 @@ bool            pi_buft_is_ours(ggml_backend_buffer_type_t buft);
 
 // File location of a disk-resident weight (set when the tensor is placed in its buffer).
 const pi_tensor_loc * pi_disk_tensor_loc(const struct ggml_tensor * t);
+
+// The bundled layer a FFN weight of a PowerInfer model belongs to, and which of gate (0), up (1)
+// or down (2) it is; nullptr for other weights. A bundled down weight's host tensor holds
+// down_t (n_ff rows of n_embd), not ffn_down's layout.
+const pi_bundle_layer * pi_bundle_layer_of(const struct ggml_tensor * t, int * which);
 
 // The host tensor holding a RAM-resident weight: in a CPU buffer, or a CPU_REPACK buffer whose
 // interleaved layout only ggml's CPU kernels read.

@@ -4,7 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from powerinfer import format as fmt
+from powerinfer.calibration import calibration_texts
 from powerinfer.models import gemma3_270m
+from powerinfer.profile import ModelProfile, profile_model
 from powerinfer.testmodels import write_test_model
 
 # Threads for every model in the suite: the CI machine has two cores.
@@ -31,3 +34,18 @@ def tiny_model(model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     return gemma3_270m()
+
+
+@pytest.fixture(scope="session")
+def profiles(synthetic_models: dict[str, Path]) -> dict[str, ModelProfile]:
+    return {w: profile_model(p, calibration_texts(), max_tokens=1024, threads=THREADS)
+            for w, p in synthetic_models.items()}
+
+
+@pytest.fixture(scope="session")
+def converted(synthetic_models: dict[str, Path], profiles: dict[str, ModelProfile],
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, fmt.PowerInferFile]:
+    """The synthetic models converted with their declared activation (relu)."""
+    out = tmp_path_factory.mktemp("converted")
+    return {w: fmt.convert(p, out / f"{w}.gguf", profiles[w].frequencies(), profile_tokens=profiles[w].tokens)
+            for w, p in synthetic_models.items()}

@@ -12,6 +12,7 @@ import pytest
 import powerinfer
 from conftest import THREADS
 from powerinfer.calibration import calibration_texts, is_held_out, stdlib_docstrings
+from powerinfer.testmodels import RELU_SHARPNESS
 from powerinfer.profile import ModelProfile, profile_model
 
 
@@ -27,7 +28,7 @@ def _planted_probabilities(path: Path) -> np.ndarray:
     gate = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate.weight")
     n_ff, n_embd = int(gate.shape[1]), int(gate.shape[0])
     w0 = np.array(gate.data, dtype=np.float32).reshape(n_ff, n_embd)[:, 0]
-    bias = w0 * math.sqrt(n_embd / 2)
+    bias = w0 * math.sqrt(n_embd / 2) / RELU_SHARPNESS
     nd = statistics.NormalDist()
     return np.array([nd.cdf(b / math.sqrt(0.5)) for b in bias])
 

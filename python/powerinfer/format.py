@@ -26,6 +26,11 @@ ALIGN = 4096
 MAX_CLUSTER = 128
 FFN_NAME = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
 SUPPORTED_ARCHS = ("llama", "mistral", "gemma3", "qwen2", "qwen3", "bamboo")
+# What a bundled layer computes between gate/up and down (docs/format.md). The ReLU family is
+# computed by the backend in place of the graph's GLU; the thresholded ones are the graph's own
+# silu/gelu in dense mode, with the threshold used by sparse decode.
+ACTIVATIONS = ("relu", "relu2", "drelu", "fatrelu", "silu_threshold", "gelu_threshold")
+_GRAPH_ACTIVATION = {"gemma3": "gelu_threshold", "bamboo": "drelu"}  # others: silu
 
 K = "powerinfer."
 
@@ -110,6 +115,8 @@ class PowerInferFile:
     source_fingerprint: str
     region_offset: int
     layers: list[LayerLayout]
+    activations: list[str]
+    activation_thresholds: list[float]
     frequency_offsets: list[int]
     permutation_offsets: list[int]
     down_requant_error: list[float]
@@ -150,6 +157,7 @@ class PowerInferFile:
                 row = {c: values[c][j] for c in cols}
                 predictors[[L.layer for L in layers].index(int(row["layer"]))] = row
         return cls(p, get("source.architecture"), get("source.sha256"), get("source.fingerprint"), region, layers,
+                   [str(v) for v in get("bundle.activation")], [float(v) for v in get("bundle.activation_threshold")],
                    [int(v) for v in get("frequency.offset")], [int(v) for v in get("permutation.offset")],
                    [float(v) for v in get("down_requant_rel_rms")], np.memmap(p, mode="r"), predictors)
 
@@ -198,13 +206,17 @@ class PowerInferFile:
     def summary(self) -> str:
         lines = [f"{self.path}: PowerInfer format v{FORMAT_VERSION}, source architecture "
                  f"{self.source_architecture}, {len(self.layers)} bundled layers",
-                 "layer  n_ff  types(gate/down_t)  cluster  clusters  bytes        down re-quant rel RMS  hot 10% share"]
+                 "layer  n_ff  types(gate/down_t)  cluster  clusters  bytes        down re-quant rel RMS  "
+                 "hot 10% share  activation"]
         for i, L in enumerate(self.layers):
             f = self.frequency(i)
             share = f[: max(1, L.n_ff // 10)].sum() / max(float(f.sum()), 1e-12)
+            act = self.activations[i]
+            if act != "relu" and act != "relu2" and act != "drelu":
+                act += f" > {self.activation_thresholds[i]:.4g}"
             lines.append(f"{L.layer:5d}  {L.n_ff:5d}  {gguf.GGMLQuantizationType(L.gate_type).name:>6}/"
                          f"{gguf.GGMLQuantizationType(L.down_type).name:<6}       {L.cluster:7d}  {L.n_clusters:8d}  "
-                         f"{L.bytes:11d}  {self.down_requant_error[i]:21.2e}  {share:12.1%}")
+                         f"{L.bytes:11d}  {self.down_requant_error[i]:21.2e}  {share:12.1%}  {act}")
         if self.predictors:
             lines.append("layer  predictor rank  size vs FFN  held-out recall  precision  computed/true active")
             for i, info in sorted(self.predictors.items()):
@@ -219,6 +231,15 @@ class PowerInferFile:
         return "\n".join(lines)
 
 
+def source_activation(kv: dict) -> str:
+    """The activation a source model's FFN computes, from its metadata: the synthetic models
+    declare theirs; otherwise the architecture's (silu for llama-family graphs)."""
+    declared = kv.get("powerinfer.synthetic.activation")
+    if isinstance(declared, str) and declared in ACTIVATIONS:
+        return declared
+    return _GRAPH_ACTIVATION.get(str(kv.get("general.architecture", "")), "silu_threshold")
+
+
 def _ffn_layers(tensors: list[dict]) -> dict[int, dict[str, dict]]:
     layers: dict[int, dict[str, dict]] = {}
     for t in tensors:
@@ -228,24 +249,42 @@ def _ffn_layers(tensors: list[dict]) -> dict[int, dict[str, dict]]:
     return layers
 
 
-def _down_type_for(src_type: int, n_embd: int) -> int:
-    """down_t rows hold n_embd elements: keep the source type when its blocks fit, else Q8_0."""
-    if _core.row_size(src_type, n_embd) > 0 and n_embd % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(src_type)][0] == 0:
-        return src_type
+# Re-quantizing a transposed 4-bit matrix into 4-bit blocks again roughly doubles its
+# quantization error (Q4_0: 7.7% relative RMS against the source, enough to change greedy
+# continuations of the synthetic models); one more bit halves the added error for +22% on down
+# alone, about +6% on a 7B file.
+_DOWN_T_UPGRADE = {"Q4_0": "Q5_0", "Q4_1": "Q5_1", "Q4_K": "Q5_K", "IQ4_NL": "Q5_0", "IQ4_XS": "Q5_K"}
+
+
+def down_t_type(src_type: int, n_embd: int) -> int:
+    """The type of down_t rows (n_embd elements): the source type, one bit more for 4-bit types,
+    Q8_0 when the type's blocks do not divide n_embd."""
+    name = gguf.GGMLQuantizationType(src_type).name
+    t = int(gguf.GGMLQuantizationType[_DOWN_T_UPGRADE[name]]) if name in _DOWN_T_UPGRADE else src_type
+    if _core.row_size(t, n_embd) > 0 and n_embd % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)][0] == 0:
+        return t
     return int(gguf.GGMLQuantizationType.Q8_0)
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencies: dict[int, np.ndarray],
             *, profile_tokens: int = 0, predictors: Optional[dict[int, tuple["Predictor", "PredictorQuality"]]] = None,
+            activation: str = "auto", thresholds: Optional[dict[int, float]] = None,
             progress: Optional[Callable[[int, int], None]] = None) -> PowerInferFile:
     """Write the PowerInfer file for `src` at `dst` (temp name, then rename).
 
     `frequencies[layer]` is the per-neuron activation frequency (source order) from a profile;
-    `predictors[layer]` a trained predictor (outputs in source order) and its held-out quality."""
+    `predictors[layer]` a trained predictor (outputs in source order) and its held-out quality.
+    `activation` is one of ACTIVATIONS or "auto" (see `source_activation`); `thresholds[layer]`
+    the FATReLU threshold or the magnitude threshold of a thresholded silu/gelu layer."""
     predictors = predictors or {}
+    thresholds = thresholds or {}
     src, dst = os.fspath(src), os.fspath(dst)
-    header = _header(src, ["general.architecture"])
+    header = _header(src, ["general.architecture", "powerinfer.synthetic."])
     arch = header["kv"].get("general.architecture", "")
+    if activation == "auto":
+        activation = source_activation(header["kv"])
+    if activation not in ACTIVATIONS:
+        raise FormatError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     if arch == ARCH:
         raise FormatError(f"{src} is already a PowerInfer model")
     ffn = _ffn_layers(header["tensors"])
@@ -271,7 +310,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
         n_embd, n_ff = gate["ne"]
         if il not in frequencies or len(frequencies[il]) != n_ff:
             raise FormatError(f"profile has no frequencies for layer {il} (n_ff {n_ff}): was it made for this model?")
-        down_type = _down_type_for(down["type"], n_embd)
+        down_type = down_t_type(down["type"], n_embd)
         k = cluster_size(int(_core.row_size(gate["type"], n_embd)), int(_core.row_size(down_type, n_embd)))
         L = LayerLayout(il, n_ff, n_embd, gate["type"], down_type, k, offset)
         layouts.append(L)
@@ -291,7 +330,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         _write(src, tmp, arch, layouts, freq_offsets, perm_offsets, offset, frequencies, ffn,
-               profile_tokens, predictors, pred_offsets, progress)
+               profile_tokens, predictors, pred_offsets, activation, thresholds, progress)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -301,7 +340,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
 def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offsets: list[int],
            perm_offsets: list[int], region_size: int, frequencies: dict[int, np.ndarray],
            ffn: dict[int, dict[str, dict]], profile_tokens: int, predictors: dict, pred_offsets: dict[int, int],
-           progress: Optional[Callable[[int, int], None]]) -> None:
+           activation: str, thresholds: dict[int, float], progress: Optional[Callable[[int, int], None]]) -> None:
     data = np.memmap(src, mode="r")
 
     def tensor_bytes(t: dict) -> np.ndarray:
@@ -342,6 +381,8 @@ def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offs
     for name in ("layer", "n_ff", "n_embd", "gate_type", "down_type", "cluster"):
         w.set_u32_array(K + "bundle." + name, [getattr(L, name) for L in layouts])
     w.set_u64_array(K + "bundle.offset", [L.offset for L in layouts])
+    w.set_str_array(K + "bundle.activation", [activation] * len(layouts))
+    w.set_f32_array(K + "bundle.activation_threshold", [float(thresholds.get(L.layer, 0.0)) for L in layouts])
     w.set_u64_array(K + "frequency.offset", freq_offsets)
     w.set_u64_array(K + "permutation.offset", perm_offsets)
     w.set_f32_array(K + "down_requant_rel_rms", errors)

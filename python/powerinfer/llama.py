@@ -57,8 +57,10 @@ def _params_hook(model: Optional[Callable[[Any], None]] = None,
             _internals.LlamaModel, _internals.LlamaContext = originals  # type: ignore[misc]
 
 
-def check_model_file(path: str | os.PathLike[str]) -> None:
-    """Raise ModelFileError with a clear reason if `path` cannot be a loadable GGUF model."""
+def check_model_file(path: str | os.PathLike[str]) -> Optional[str]:
+    """Raise ModelFileError with a clear reason if `path` cannot be a loadable GGUF model.
+
+    Returns the source architecture of a PowerInfer model (``powerinfer convert``), else None."""
     p = os.fspath(path)
     if not os.path.exists(p):
         raise ModelFileError(f"model file does not exist: {p}")
@@ -66,12 +68,15 @@ def check_model_file(path: str | os.PathLike[str]) -> None:
         raise ModelFileError(f"model path is a directory, not a GGUF file: {p}")
     try:
         _core.check_gguf(p)
-        architecture = _core.read_gguf_header(p, ["general.architecture"])["kv"].get("general.architecture")
+        kv = _core.read_gguf_header(p, ["general.architecture", "powerinfer.source.architecture"])["kv"]
     except ValueError as exc:  # UnicodeDecodeError included: a corrupt string in the metadata
         raise ModelFileError(f"{p}: {exc}") from None
-    if architecture == "powerinfer":
-        raise ModelFileError(f"{p} is a PowerInfer bundle file (powerinfer convert): opening those "
-                             "is not implemented yet; open the source GGUF instead")
+    if kv.get("general.architecture") != "powerinfer":
+        return None
+    source = kv.get("powerinfer.source.architecture")
+    if not isinstance(source, str) or not source:
+        raise ModelFileError(f"{p}: PowerInfer model without powerinfer.source.architecture")
+    return source
 
 
 class StockLlama(llama_cpp.Llama):
@@ -111,10 +116,17 @@ class Llama(llama_cpp.Llama):
             raise NotImplementedError(
                 "memory_budget is not yet supported: it arrives with the neuron cache. "
                 "Use ffn_on_disk=True to keep FFN weights out of memory.")
-        check_model_file(model_path)
+        source_arch = check_model_file(model_path)
+        self.is_powerinfer_model = source_arch is not None
         self.ffn_on_disk = bool(ffn_on_disk)
-        self._pi_slot: Optional[_core.ModelSlot] = _core.ModelSlot(
-            os.fspath(model_path), self.ffn_on_disk, use_extra_bufts)
+        try:
+            self._pi_slot: Optional[_core.ModelSlot] = _core.ModelSlot(
+                os.fspath(model_path), self.ffn_on_disk, use_extra_bufts)
+        except ValueError as exc:
+            raise ModelFileError(str(exc)) from None
+        if source_arch is not None:
+            # llama.cpp builds the source architecture's graph; the FFN comes from the bundles
+            kwargs["kv_overrides"] = {**(kwargs.get("kv_overrides") or {}), "general.architecture": source_arch}
         self._pi_pattern = FFN_WEIGHT_PATTERN.encode()
         self._pi_overrides = (_BuftOverride * 2)()
         self._pi_overrides[0].pattern = self._pi_pattern
@@ -125,6 +137,10 @@ class Llama(llama_cpp.Llama):
         def route_ffn(params: llama_cpp.llama_model_params) -> None:
             params.tensor_buft_overrides = ctypes.cast(self._pi_overrides, ctypes.c_void_p)
             params.use_extra_bufts = use_extra_bufts
+            if source_arch is not None and params.load_mode == llama_cpp.LLAMA_LOAD_MODE_NONE:
+                # the FFN regions of the GGUF are holes the loader still reads: direct I/O
+                # reads them as zeros without filling the page cache
+                params.load_mode = llama_cpp.LLAMA_LOAD_MODE_DIRECT_IO
 
         # The FFN is copied into the backend (RAM) or not held at all (disk); with mmap,
         # llama.cpp maps and prefaults the whole file, which would keep the FFN resident a

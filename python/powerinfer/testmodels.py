@@ -14,6 +14,9 @@ only one tensor's worth of memory. How sparsity is planted (see docs/test-models
   attention output is scaled by ``locality``, mixing a slowly varying history into each token.
 * Anisotropy: embedding dimension k (k >= 1) has variance ~ k^-spectrum_decay (mean 1), as hidden
   states of real models concentrate in few directions; this is what predictors exploit.
+* ReLU in a SiLU graph: gate rows are scaled by ``RELU_SHARPNESS`` (s) and up rows by 1/s, so
+  stock llama.cpp's ``silu(s*g) * u/s`` equals ``relu(g) * u`` to within ``0.28 |u| / s``: the
+  file is a ReLU model both to stock llama.cpp and to a backend that computes relu exactly.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+# see the module docstring: silu(s*g)/s approaches relu(g) as s grows
+RELU_SHARPNESS = 64.0
 
 try:
     import gguf
@@ -194,7 +200,7 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
             bias = np.array([sigma * inv(float(q)) for q in probs], dtype=np.float32)
             w = normal(f, n, 1.0 / math.sqrt(n))
             w[:, 0] = bias / x0
-            return w
+            return w * np.float32(RELU_SHARPNESS)
 
         def wo() -> np.ndarray:
             w = normal(n, n, sparsity.locality / math.sqrt(n))
@@ -213,7 +219,7 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
         yield _TensorPlan(p + "attn_output.weight", (n, n), wtype, wo)
         yield _TensorPlan(p + "ffn_norm.weight", (n,), f32, ones)
         yield _TensorPlan(p + "ffn_gate.weight", (f, n), wtype, gate)
-        yield _TensorPlan(p + "ffn_up.weight", (f, n), wtype, lambda: normal(f, n, 1.0 / math.sqrt(n)))
+        yield _TensorPlan(p + "ffn_up.weight", (f, n), wtype, lambda: normal(f, n, 1.0 / (RELU_SHARPNESS * math.sqrt(n))))
         yield _TensorPlan(p + "ffn_down.weight", (n, f), wtype, down)
     yield _TensorPlan("output_norm.weight", (n,), f32, ones)
     # a large logit scale gives clear greedy margins, so float noise cannot flip a token
@@ -261,6 +267,7 @@ def write_test_model(path: str | os.PathLike[str], *, preset: str = "tiny", wtyp
     w.add_add_bos_token(True)
     w.add_chat_template(CHAT_TEMPLATE)
     w.add_string("powerinfer.synthetic.activation", "relu")
+    w.add_float32("powerinfer.synthetic.relu_sharpness", RELU_SHARPNESS)
     w.add_float32("powerinfer.synthetic.active_fraction", sparsity.active_fraction)
     w.add_float32("powerinfer.synthetic.skew", sparsity.skew)
     w.add_float32("powerinfer.synthetic.locality", sparsity.locality)

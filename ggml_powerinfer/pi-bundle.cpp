@@ -1,0 +1,218 @@
+#include "pi-bundle.h"
+
+#include "ggml.h"
+#include "gguf.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+static const char * KEY_PREFIX = "powerinfer.";
+
+static uint64_t pad_to(uint64_t n, uint64_t align) {
+    return (n + align - 1) / align * align;
+}
+
+bool pi_bundle_is_powerinfer(const struct gguf_context * gguf) {
+    const int64_t k = gguf_find_key(gguf, "general.architecture");
+    return k >= 0 && gguf_get_kv_type(gguf, k) == GGUF_TYPE_STRING &&
+           strcmp(gguf_get_val_str(gguf, k), "powerinfer") == 0;
+}
+
+// An integer array under powerinfer.<name> with n entries (n < 0: any length, set on return).
+static bool read_uint_array(const struct gguf_context * gguf, const char * name, int64_t * n,
+                            std::vector<uint64_t> * out, std::string * err) {
+    const std::string key = std::string(KEY_PREFIX) + name;
+    const int64_t k = gguf_find_key(gguf, key.c_str());
+    if (k < 0 || gguf_get_kv_type(gguf, k) != GGUF_TYPE_ARRAY) {
+        *err = "missing key " + key;
+        return false;
+    }
+    const enum gguf_type type = gguf_get_arr_type(gguf, k);
+    const size_t len = gguf_get_arr_n(gguf, k);
+    if ((type != GGUF_TYPE_UINT32 && type != GGUF_TYPE_UINT64) || (*n >= 0 && (int64_t) len != *n)) {
+        *err = "key " + key + " has the wrong type or length";
+        return false;
+    }
+    *n = (int64_t) len;
+    const void * data = gguf_get_arr_data(gguf, k);
+    out->resize(len);
+    for (size_t i = 0; i < len; i++) {
+        (*out)[i] = type == GGUF_TYPE_UINT32 ? ((const uint32_t *) data)[i] : ((const uint64_t *) data)[i];
+    }
+    return true;
+}
+
+static bool parse_activation(const char * name, enum pi_activation * act) {
+    static const struct { const char * name; enum pi_activation act; } names[] = {
+        { "graph", PI_ACT_GRAPH }, { "silu_threshold", PI_ACT_GRAPH }, { "gelu_threshold", PI_ACT_GRAPH },
+        { "relu", PI_ACT_RELU }, { "relu2", PI_ACT_RELU2 }, { "drelu", PI_ACT_DRELU }, { "fatrelu", PI_ACT_FATRELU },
+    };
+    for (const auto & n : names) {
+        if (strcmp(name, n.name) == 0) {
+            *act = n.act;
+            return true;
+        }
+    }
+    return false;
+}
+
+// The first byte after the GGUF data section, rounded up to 4 KiB: where the region starts.
+static uint64_t region_start(const struct gguf_context * gguf) {
+    const uint64_t data_offset = gguf_get_data_offset(gguf);
+    const uint64_t align = gguf_get_alignment(gguf);
+    uint64_t end = data_offset;
+    for (int64_t i = 0; i < gguf_get_n_tensors(gguf); i++) {
+        const uint64_t e = data_offset + gguf_get_tensor_offset(gguf, i) + pad_to(gguf_get_tensor_size(gguf, i), align);
+        end = e > end ? e : end;
+    }
+    return pad_to(end, PI_IO_ALIGN);
+}
+
+bool pi_bundle_index_read(const struct gguf_context * gguf, uint64_t file_size, pi_bundle_index * index,
+                          std::string * err) {
+    int64_t n = -1;
+    std::vector<uint64_t> layer, n_ff, n_embd, gate_type, down_type, cluster, offset;
+    if (!read_uint_array(gguf, "bundle.layer", &n, &layer, err) ||
+        !read_uint_array(gguf, "bundle.n_ff", &n, &n_ff, err) ||
+        !read_uint_array(gguf, "bundle.n_embd", &n, &n_embd, err) ||
+        !read_uint_array(gguf, "bundle.gate_type", &n, &gate_type, err) ||
+        !read_uint_array(gguf, "bundle.down_type", &n, &down_type, err) ||
+        !read_uint_array(gguf, "bundle.cluster", &n, &cluster, err) ||
+        !read_uint_array(gguf, "bundle.offset", &n, &offset, err)) {
+        return false;
+    }
+    const int64_t k_act = gguf_find_key(gguf, "powerinfer.bundle.activation");
+    if (k_act < 0 || gguf_get_arr_type(gguf, k_act) != GGUF_TYPE_STRING || (int64_t) gguf_get_arr_n(gguf, k_act) != n) {
+        *err = "missing or malformed key powerinfer.bundle.activation";
+        return false;
+    }
+    const int64_t k_thr = gguf_find_key(gguf, "powerinfer.bundle.activation_threshold");
+    if (k_thr < 0 || gguf_get_arr_type(gguf, k_thr) != GGUF_TYPE_FLOAT32 || (int64_t) gguf_get_arr_n(gguf, k_thr) != n) {
+        *err = "missing or malformed key powerinfer.bundle.activation_threshold";
+        return false;
+    }
+    const float * thresholds = (const float *) gguf_get_arr_data(gguf, k_thr);
+    const uint64_t region = region_start(gguf);
+    const int64_t k_size = gguf_find_key(gguf, "powerinfer.region_size");
+    if (k_size < 0 || gguf_get_kv_type(gguf, k_size) != GGUF_TYPE_UINT64) {
+        *err = "missing key powerinfer.region_size";
+        return false;
+    }
+    char what[256];
+    if (region + gguf_get_val_u64(gguf, k_size) > file_size) {
+        snprintf(what, sizeof(what), "truncated PowerInfer file: its region ends at byte %llu, the file has %llu",
+                 (unsigned long long) (region + gguf_get_val_u64(gguf, k_size)), (unsigned long long) file_size);
+        *err = what;
+        return false;
+    }
+
+    index->layers.clear();
+    index->by_block.clear();
+    for (int64_t i = 0; i < n; i++) {
+        pi_bundle_layer L;
+        L.layer     = (int) layer[i];
+        L.n_ff      = (int64_t) n_ff[i];
+        L.n_embd    = (int64_t) n_embd[i];
+        L.gate_type = (int) gate_type[i];
+        L.down_type = (int) down_type[i];
+        L.cluster   = (int64_t) cluster[i];
+        L.offset    = region + offset[i];
+        if (L.layer < 0 || L.layer > 100000 || L.n_ff <= 0 || L.n_embd <= 0 || L.cluster <= 0 ||
+            gate_type[i] >= GGML_TYPE_COUNT || down_type[i] >= GGML_TYPE_COUNT ||
+            ggml_get_type_traits((enum ggml_type) L.gate_type)->blck_size <= 0 ||
+            ggml_get_type_traits((enum ggml_type) L.down_type)->blck_size <= 0 ||
+            L.n_embd % ggml_blck_size((enum ggml_type) L.gate_type) != 0 ||
+            L.n_embd % ggml_blck_size((enum ggml_type) L.down_type) != 0) {
+            snprintf(what, sizeof(what), "bundle table entry %lld is invalid", (long long) i);
+            *err = what;
+            return false;
+        }
+        if (!parse_activation(gguf_get_arr_str(gguf, k_act, i), &L.activation)) {
+            *err = std::string("unknown activation '") + gguf_get_arr_str(gguf, k_act, i) + "' in bundle table";
+            return false;
+        }
+        L.act_threshold = thresholds[i];
+        L.gate_row    = ggml_row_size((enum ggml_type) L.gate_type, L.n_embd);
+        L.down_row    = ggml_row_size((enum ggml_type) L.down_type, L.n_embd);
+        L.gate_half   = pad_to(L.cluster * L.gate_row, PI_IO_ALIGN);
+        L.updown_half = pad_to(L.cluster * (L.gate_row + L.down_row), PI_IO_ALIGN);
+        const uint64_t end = L.offset + (uint64_t) pi_bundle_n_clusters(&L) * (L.gate_half + L.updown_half);
+        if (end > file_size) {
+            snprintf(what, sizeof(what), "truncated PowerInfer file: the bundles of layer %d end at byte %llu, "
+                     "the file has %llu", L.layer, (unsigned long long) end, (unsigned long long) file_size);
+            *err = what;
+            return false;
+        }
+        if ((int) index->by_block.size() <= L.layer) {
+            index->by_block.resize(L.layer + 1, -1);
+        }
+        if (index->by_block[L.layer] >= 0) {
+            snprintf(what, sizeof(what), "layer %d appears twice in the bundle table", L.layer);
+            *err = what;
+            return false;
+        }
+        index->by_block[L.layer] = (int) index->layers.size();
+        index->layers.push_back(L);
+    }
+    return true;
+}
+
+int64_t pi_bundle_n_clusters(const pi_bundle_layer * L) {
+    return (L->n_ff + L->cluster - 1) / L->cluster;
+}
+
+uint64_t pi_bundle_gate_half_offset(const pi_bundle_layer * L, int64_t c) {
+    return L->offset + (uint64_t) c * (L->gate_half + L->updown_half);
+}
+
+uint64_t pi_bundle_updown_half_offset(const pi_bundle_layer * L, int64_t c) {
+    return pi_bundle_gate_half_offset(L, c) + L->gate_half;
+}
+
+bool pi_bundle_read_layer(pi_file * file, const pi_bundle_layer * L, void * gate, void * up, void * down_t,
+                          std::string * err) {
+    const int64_t n_clusters = pi_bundle_n_clusters(L);
+    const size_t cluster_bytes = L->gate_half + L->updown_half;
+    // a few clusters per read: large sequential reads, bounded scratch
+    const int64_t per_read = cluster_bytes >= (16u << 20) ? 1 : (int64_t) ((16u << 20) / cluster_bytes);
+    pi_aligned_buf buf;
+    bool ok = true;
+    for (int64_t c0 = 0; c0 < n_clusters && ok; c0 += per_read) {
+        const int64_t c1 = c0 + per_read < n_clusters ? c0 + per_read : n_clusters;
+        const char * data = (const char *) pi_file_read(file, pi_bundle_gate_half_offset(L, c0),
+                                                        (size_t) (c1 - c0) * cluster_bytes, &buf, err);
+        if (data == nullptr) {
+            ok = false;
+            break;
+        }
+        for (int64_t c = c0; c < c1; c++) {
+            const char * g  = data + (size_t) (c - c0) * cluster_bytes;
+            const char * ud = g + L->gate_half;
+            const int64_t j0 = c * L->cluster;
+            const int64_t nj = j0 + L->cluster <= L->n_ff ? L->cluster : L->n_ff - j0;
+            memcpy((char *) gate + (size_t) j0 * L->gate_row, g, (size_t) nj * L->gate_row);
+            for (int64_t j = 0; j < nj; j++) {
+                const char * row = ud + (size_t) j * (L->gate_row + L->down_row);
+                memcpy((char *) up + (size_t) (j0 + j) * L->gate_row, row, L->gate_row);
+                memcpy((char *) down_t + (size_t) (j0 + j) * L->down_row, row + L->gate_row, L->down_row);
+            }
+        }
+    }
+    pi_aligned_buf_free(&buf);
+    return ok;
+}
+
+int pi_bundle_ffn_tensor(const char * name, int * block) {
+    int b = -1;
+    int n = 0;
+    char which[8] = {0};
+    if (sscanf(name, "blk.%d.ffn_%7[a-z].weight%n", &b, which, &n) != 2 || name[n] != '\0' || b < 0) {
+        return -1;
+    }
+    *block = b;
+    if (strcmp(which, "gate") == 0) return 0;
+    if (strcmp(which, "up") == 0)   return 1;
+    if (strcmp(which, "down") == 0) return 2;
+    return -1;
+}

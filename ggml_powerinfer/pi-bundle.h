@@ -1,0 +1,65 @@
+// The neuron-bundle region of a PowerInfer model file (docs/format.md): where each layer's
+// clusters are, their types, and the activation the layer computes.
+#pragma once
+
+#include "pi-file.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct gguf_context;
+
+enum pi_activation {
+    PI_ACT_GRAPH   = 0, // whatever the graph's GLU computes (silu, gelu): dense as the source
+    PI_ACT_RELU    = 1, // relu(gate) * up
+    PI_ACT_RELU2   = 2, // relu(gate)^2 * up
+    PI_ACT_DRELU   = 3, // relu(gate) * relu(up)
+    PI_ACT_FATRELU = 4, // gate > threshold ? gate : 0, times up
+};
+
+struct pi_bundle_layer {
+    int      layer;        // block index in the model
+    int64_t  n_ff;
+    int64_t  n_embd;
+    int      gate_type;    // ggml_type of gate and up rows (n_embd elements each)
+    int      down_type;    // ggml_type of down_t rows (n_embd elements each)
+    int64_t  cluster;      // neurons per cluster
+    uint64_t offset;       // absolute file offset of the first cluster
+    size_t   gate_row;     // bytes of a gate (or up) row
+    size_t   down_row;     // bytes of a down_t row
+    size_t   gate_half;    // bytes of a cluster's gate half, padded to 4 KiB
+    size_t   updown_half;  // bytes of a cluster's up/down half, padded to 4 KiB
+    enum pi_activation activation;
+    float    act_threshold; // FATReLU threshold (0 otherwise)
+};
+
+struct pi_bundle_index {
+    std::vector<pi_bundle_layer> layers;
+    std::vector<int>             by_block; // block index -> position in layers, or -1
+
+    const pi_bundle_layer * find(int block) const {
+        return block >= 0 && block < (int) by_block.size() && by_block[block] >= 0 ? &layers[by_block[block]] : nullptr;
+    }
+};
+
+// Whether the GGUF is a PowerInfer model (general.architecture == "powerinfer").
+bool pi_bundle_is_powerinfer(const struct gguf_context * gguf);
+
+// Reads the bundle table of a PowerInfer model; checks that every cluster lies inside the file.
+bool pi_bundle_index_read(const struct gguf_context * gguf, uint64_t file_size, pi_bundle_index * index,
+                          std::string * err);
+
+int64_t pi_bundle_n_clusters(const pi_bundle_layer * L);
+// absolute file offsets of cluster c's halves
+uint64_t pi_bundle_gate_half_offset(const pi_bundle_layer * L, int64_t c);
+uint64_t pi_bundle_updown_half_offset(const pi_bundle_layer * L, int64_t c);
+
+// Reads a whole layer and scatters it into contiguous hot-first matrices: gate and up
+// (n_ff rows of gate_row bytes) and down_t (n_ff rows of down_row bytes).
+bool pi_bundle_read_layer(pi_file * file, const pi_bundle_layer * L, void * gate, void * up, void * down_t,
+                          std::string * err);
+
+// The block index in a tensor name "blk.N.ffn_{gate,up,down}.weight", and which of the three
+// (0 gate, 1 up, 2 down), or -1.
+int pi_bundle_ffn_tensor(const char * name, int * block);

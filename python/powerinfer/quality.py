@@ -1,0 +1,52 @@
+"""How close one model's next-token distributions are to another's on the same tokens.
+
+Used to measure what the lossy steps cost (re-quantized ``down_t``, sparse FFN, thresholds):
+teacher-forced top-1 agreement and KL divergence against a reference, and perplexity.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    tokens: int
+    top1: float      # fraction of positions where both models' argmax agree
+    kl_mean: float   # mean KL(reference || test) in nats
+    kl_max: float
+
+
+def logits(llm: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
+    """Logits after every token of `tokens` (evaluated from an empty context); the model must be
+    created with ``logits_all=True``."""
+    if len(tokens) > llm.n_ctx():
+        raise ValueError(f"{len(tokens)} tokens do not fit the context ({llm.n_ctx()})")
+    llm.reset()
+    llm.eval(list(tokens))
+    return np.array(llm.scores[: llm.n_tokens], dtype=np.float64)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare(reference: np.ndarray, test: np.ndarray) -> Agreement:
+    """Agreement of `test` logits with `reference` logits, position by position."""
+    if reference.shape != test.shape:
+        raise ValueError(f"logit shapes differ: {reference.shape} vs {test.shape}")
+    lp, lq = _log_softmax(reference), _log_softmax(test)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    top1 = float(np.mean(reference.argmax(axis=-1) == test.argmax(axis=-1)))
+    return Agreement(int(reference.shape[0]), top1, float(kl.mean()), float(kl.max()))
+
+
+def perplexity(all_logits: np.ndarray, tokens: Sequence[int]) -> float:
+    """Perplexity of tokens[1:] under the logits after tokens[:-1]."""
+    lp = _log_softmax(all_logits[: len(tokens) - 1])
+    nll = -lp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]
+    return float(np.exp(nll.mean()))

@@ -1,0 +1,110 @@
+"""powerinfer.Llama opens converted models: the FFN comes from the neuron bundles, and the dense
+result matches the source model in stock llama-cpp-python."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import powerinfer
+from conftest import THREADS
+from powerinfer import format as fmt
+from powerinfer import quality
+from powerinfer.profile import ModelProfile
+
+PROMPT = "The quick brown fox"
+KW = dict(n_ctx=256, n_threads=THREADS, verbose=False, seed=0)
+
+
+def _stock_and_converted(source: Path, converted: str, n: int = 32) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Teacher-forced logits of both models over the stock model's greedy continuation."""
+    stock = llama_cpp.Llama(str(source), logits_all=True, **KW)
+    prompt = stock.tokenize(PROMPT.encode())
+    tokens = list(prompt)
+    for tok in stock.generate(prompt, temp=0.0):
+        tokens.append(tok)
+        if len(tokens) >= len(prompt) + n:
+            break
+    ref = quality.logits(stock, tokens)
+    stock.close()
+    pi = powerinfer.Llama(converted, logits_all=True, **KW)
+    test = quality.logits(pi, tokens)
+    pi.close()
+    return ref, test, tokens
+
+
+@pytest.fixture(scope="module")
+def converted_silu(synthetic_models: dict[str, Path], profiles: dict[str, ModelProfile],
+                   tmp_path_factory: pytest.TempPathFactory) -> fmt.PowerInferFile:
+    """The F16 model converted as what its graph computes (silu): dense is the source model."""
+    out = tmp_path_factory.mktemp("converted_silu") / "f16-silu.gguf"
+    return fmt.convert(synthetic_models["f16"], out, profiles["f16"].frequencies(), activation="silu_threshold")
+
+
+def test_f16_graph_activation_matches_stock(synthetic_models: dict[str, Path],
+                                            converted_silu: fmt.PowerInferFile) -> None:
+    """F16 bundles hold the source's exact weights: only the summation order of down differs."""
+    ref, test, _ = _stock_and_converted(synthetic_models["f16"], converted_silu.path)
+    agree = quality.compare(ref, test)
+    assert agree.top1 == 1.0
+    assert np.abs(ref - test).max() < 0.05  # logits have std ~8
+    assert agree.kl_max < 1e-4
+
+
+@pytest.mark.parametrize("wtype,min_top1,max_kl", [("f16", 1.0, 1e-3), ("q8_0", 0.95, 1e-2), ("q4_0", 0.9, 0.1)])
+def test_relu_models_match_stock(synthetic_models: dict[str, Path], converted: dict[str, fmt.PowerInferFile],
+                                 wtype: str, min_top1: float, max_kl: float) -> None:
+    """The synthetic models declare relu; the backend computes relu exactly where stock's graph
+    computes silu(64 g)/64 (equal to within 0.28|u|/64), and Q4_0's down_t is re-quantized to
+    Q5_0 (4% relative RMS): greedy choices agree within those errors."""
+    pf = converted[wtype]
+    assert set(pf.activations) == {"relu"}
+    ref, test, _ = _stock_and_converted(synthetic_models[wtype], pf.path)
+    agree = quality.compare(ref, test)
+    assert agree.top1 >= min_top1, agree
+    assert agree.kl_mean <= max_kl, agree
+
+
+def test_same_greedy_text(synthetic_models: dict[str, Path], converted_silu: fmt.PowerInferFile) -> None:
+    stock = llama_cpp.Llama(str(synthetic_models["f16"]), **KW)
+    want = stock.create_completion(PROMPT, max_tokens=48, temperature=0)["choices"][0]["text"]
+    stock.close()
+    pi = powerinfer.Llama(converted_silu.path, **KW)
+    assert pi.is_powerinfer_model
+    assert pi.create_completion(PROMPT, max_tokens=48, temperature=0)["choices"][0]["text"] == want
+    stats = pi.powerinfer_stats()
+    assert stats["ffn_matmuls"] > 0
+    assert stats["ffn_resident_bytes"] >= stats["ffn_weight_bytes"] > 0
+    pi.close()
+
+
+def test_gemma_converted_matches_stock(gemma_path: Path, tmp_path: Path) -> None:
+    from powerinfer.calibration import calibration_texts
+    from powerinfer.profile import profile_model
+
+    prof = profile_model(gemma_path, calibration_texts(), max_tokens=128, threads=THREADS)
+    pf = fmt.convert(gemma_path, tmp_path / "g.gguf", prof.frequencies())
+    assert set(pf.activations) == {"gelu_threshold"}
+    ref, test, _ = _stock_and_converted(gemma_path, pf.path, n=24)
+    agree = quality.compare(ref, test)
+    # down_t in Q8_0 (0.5% relative RMS against the source's Q6_K/Q4_K down)
+    assert agree.top1 >= 0.95, agree
+    assert agree.kl_mean < 0.02, agree
+
+
+def test_truncated_bundles_fail_cleanly(converted: dict[str, fmt.PowerInferFile], tmp_path: Path) -> None:
+    bad = tmp_path / "cut.gguf"
+    shutil.copyfile(converted["q8_0"].path, bad)
+    with open(bad, "r+b") as f:
+        f.truncate(os.path.getsize(bad) - 3 * 4096)
+    with pytest.raises(powerinfer.ModelFileError, match="truncated"):
+        powerinfer.Llama(str(bad), **KW)
+
+
+def test_disk_mode_of_a_converted_model_is_refused_clearly(converted: dict[str, fmt.PowerInferFile]) -> None:
+    with pytest.raises(powerinfer.ModelFileError, match="neuron cache"):
+        powerinfer.Llama(converted["q8_0"].path, ffn_on_disk=True, **KW)
