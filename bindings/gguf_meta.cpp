@@ -8,6 +8,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -149,6 +150,7 @@ public:
     void set_str(const std::string & k, const std::string & v) { gguf_set_val_str(dst_.get(), k.c_str(), v.c_str()); }
     void set_u32(const std::string & k, uint32_t v) { gguf_set_val_u32(dst_.get(), k.c_str(), v); }
     void set_u64(const std::string & k, uint64_t v) { gguf_set_val_u64(dst_.get(), k.c_str(), v); }
+    void set_f32(const std::string & k, float v) { gguf_set_val_f32(dst_.get(), k.c_str(), v); }
     void set_u32_array(const std::string & k, const std::vector<uint32_t> & v) {
         gguf_set_arr_data(dst_.get(), k.c_str(), GGUF_TYPE_UINT32, v.data(), v.size());
     }
@@ -166,17 +168,45 @@ public:
         gguf_set_arr_str(dst_.get(), k.c_str(), ptrs.data(), ptrs.size());
     }
 
-    // Adds the source's tensor infos (same names, types, shapes) once the alignment is set;
-    // returns their source and destination offsets (destination relative to data start).
-    py::list add_source_tensors() {
+    // Adds the source's tensor infos (same names, types, shapes) except those named in `skip`,
+    // then new ones: `add` holds (name, ggml type, [ne0, ne1]). Returns one dict per tensor in
+    // file order with its destination offset (relative to data start); source offsets only for
+    // copied tensors.
+    py::list add_source_tensors(const std::vector<std::string> & skip, const std::vector<py::tuple> & add) {
         py::list src = tensor_list(src_.get(), tensors_.get());
+        py::list out;
         for (int64_t i = 0; i < gguf_get_n_tensors(src_.get()); i++) {
-            gguf_add_tensor(dst_.get(), ggml_get_tensor(tensors_.get(), gguf_get_tensor_name(src_.get(), i)));
+            const std::string name = gguf_get_tensor_name(src_.get(), i);
+            if (std::find(skip.begin(), skip.end(), name) != skip.end()) {
+                continue;
+            }
+            gguf_add_tensor(dst_.get(), ggml_get_tensor(tensors_.get(), name.c_str()));
+            out.append(src[i]);
+        }
+        ggml_init_params params = { (add.size() + 1) * ggml_tensor_overhead(), nullptr, /*.no_alloc =*/ true };
+        extra_.reset(ggml_init(params));
+        for (const py::tuple & t : add) {
+            const std::string name = t[0].cast<std::string>();
+            const int type = t[1].cast<int>();
+            const std::vector<int64_t> ne = t[2].cast<std::vector<int64_t>>();
+            if (type < 0 || type >= GGML_TYPE_COUNT || ne.size() != 2 || ne[0] % ggml_blck_size((ggml_type) type) != 0) {
+                throw py::value_error("bad tensor to add: " + name);
+            }
+            ggml_tensor * x = ggml_new_tensor_2d(extra_.get(), (ggml_type) type, ne[0], ne[1]);
+            ggml_set_name(x, name.c_str());
+            gguf_add_tensor(dst_.get(), x);
+            py::dict d;
+            d["name"]   = name;
+            d["type"]   = type;
+            d["ne"]     = ne;
+            d["offset"] = py::none();
+            d["nbytes"] = ggml_nbytes(x);
+            out.append(d);
         }
         for (int64_t i = 0; i < gguf_get_n_tensors(dst_.get()); i++) {
-            src[i].cast<py::dict>()["dst_offset"] = gguf_get_tensor_offset(dst_.get(), i);
+            out[i].cast<py::dict>()["dst_offset"] = gguf_get_tensor_offset(dst_.get(), i);
         }
-        return src;
+        return out;
     }
 
     // The header bytes, padded to the alignment: tensor data starts right after them.
@@ -213,6 +243,7 @@ private:
 
     gguf_ptr src_;
     ggml_ptr tensors_;
+    ggml_ptr extra_; // infos of tensors added to the copy
     gguf_ptr dst_;
 };
 
@@ -226,10 +257,12 @@ void register_gguf_meta(py::module_ & m) {
         .def("set_str", &HeaderWriter::set_str)
         .def("set_u32", &HeaderWriter::set_u32)
         .def("set_u64", &HeaderWriter::set_u64)
+        .def("set_f32", &HeaderWriter::set_f32)
         .def("set_u32_array", &HeaderWriter::set_u32_array)
         .def("set_u64_array", &HeaderWriter::set_u64_array)
         .def("set_f32_array", &HeaderWriter::set_f32_array)
         .def("set_str_array", &HeaderWriter::set_str_array)
-        .def("add_source_tensors", &HeaderWriter::add_source_tensors)
+        .def("add_source_tensors", &HeaderWriter::add_source_tensors,
+             py::arg("skip") = std::vector<std::string>{}, py::arg("add") = std::vector<py::tuple>{})
         .def("meta", &HeaderWriter::meta);
 }

@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Sequence
 
+from .format import ACTIVATIONS
+
 
 def _cmd_make_test_model(args: argparse.Namespace) -> int:
     from tqdm import tqdm
@@ -56,36 +58,67 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from . import pwri
+
+    if not pwri.is_pwri(args.model):
+        return _convert(args, args.model)
+    # A PowerInfer (PWRI) file brings its predictors and down_t: profile an ordinary GGUF of the
+    # same model for the hot-first order, then convert with those instead of training
+    with tempfile.TemporaryDirectory(dir=Path(args.output).resolve().parent, prefix=".powerinfer-import-") as tmp:
+        plain = pwri.to_plain_gguf(args.model, Path(tmp) / "plain.gguf")
+        return _convert(args, str(plain), pwri_source=args.model)
+
+
+def _convert(args: argparse.Namespace, model: str, pwri_source: str | None = None) -> int:
     from tqdm import tqdm
 
     from .calibration import calibration_texts
     from .format import FormatError, convert, fingerprint
     from .profile import ModelProfile, profile_model
 
-    samples = args.samples if args.predictors else 0
+    train = args.predictors and pwri_source is None
+    samples = args.samples if train else 0
     if args.profile:
         prof = ModelProfile.load(args.profile)
-        if prof.fingerprint and prof.fingerprint != fingerprint(args.model):
+        if prof.fingerprint and prof.fingerprint != fingerprint(model):
             raise FormatError(f"profile {args.profile} was made for another model ({prof.model_path})")
     else:
         with tqdm(total=args.tokens, unit="tok", desc="profiling", disable=args.quiet) as bar:
-            prof = profile_model(args.model, calibration_texts(args.calibration, part="train"),
+            prof = profile_model(model, calibration_texts(args.calibration, part="train"),
                                  max_tokens=args.tokens, threads=args.threads, max_samples=samples,
                                  progress=bar.update)
+    small = max(256, args.tokens // 8)
+
+    def other_profile(part: str):  # type: ignore[no-untyped-def]
+        with tqdm(total=small, unit="tok", desc=f"{part} profile", disable=args.quiet) as bar:
+            return profile_model(model, calibration_texts(args.calibration, part=part), max_tokens=small,
+                                 threads=args.threads, max_samples=small, progress=bar.update)
+
     predictors = None
-    if args.predictors:
+    down_t = None
+    activation = args.activation
+    if pwri_source is not None:
+        from . import pwri
+        from .predictor import evaluate
+
+        held = other_profile("held_out")
+        predictors = {}
+        for il, p in pwri.predictors(pwri_source).items():
+            layer = held.layers[il]
+            predictors[il] = (p, evaluate(p, layer.samples_x, layer.samples_active))
+        down_t = pwri.down_t_rows(pwri_source)
+        if activation == "auto":
+            activation = "relu"  # PowerInfer's sparse models (ReluLLaMA, ProSparse) are ReLU
+    elif args.predictors:
         from .predictor import train_layer_predictors
 
         if not all(len(layer.samples_x) for layer in prof.layers):
             raise FormatError("the profile holds no samples: profile with --samples, or convert without --profile")
-        small = max(256, args.tokens // 8)
-        other = {}
-        for part in ("validation", "held_out"):
-            with tqdm(total=small, unit="tok", desc=f"{part} profile", disable=args.quiet) as bar:
-                other[part] = profile_model(args.model, calibration_texts(args.calibration, part=part),
-                                            max_tokens=small, threads=args.threads, max_samples=small,
-                                            progress=bar.update)
-        ffn_bytes = _ffn_bytes(args.model)
+        other = {part: other_profile(part) for part in ("validation", "held_out")}
+        ffn_bytes = _ffn_bytes(model)
         with tqdm(total=len(prof.layers), unit="layer", desc="training predictors", disable=args.quiet) as bar:
             predictors = train_layer_predictors(prof.layers, other["validation"].layers, other["held_out"].layers,
                                                 ffn_bytes, progress=lambda _: bar.update(1))
@@ -94,8 +127,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        out = convert(args.model, args.output, prof.frequencies(), profile_tokens=prof.tokens,
-                      predictors=predictors, progress=progress)
+        out = convert(model, args.output, prof.frequencies(), profile_tokens=prof.tokens,
+                      predictors=predictors, activation=activation, down_t=down_t, identity=pwri_source,
+                      progress=progress)
     print(out.summary())
     return 0
 
@@ -203,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4096, help="samples per layer for predictor training")
     p.add_argument("--no-predictors", dest="predictors", action="store_false",
                    help="skip predictor training (ReLU-family activity is gate > 0)")
+    p.add_argument("--activation", default="auto", choices=("auto",) + ACTIVATIONS,
+                   help="what the FFN computes (auto: declared by the file, relu for PowerInfer (PWRI) "
+                        "files, else the architecture's silu/gelu)")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_convert)

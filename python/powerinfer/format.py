@@ -25,12 +25,12 @@ ARCH = "powerinfer"
 ALIGN = 4096
 MAX_CLUSTER = 128
 FFN_NAME = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
-SUPPORTED_ARCHS = ("llama", "mistral", "gemma3", "qwen2", "qwen3", "bamboo")
+SUPPORTED_ARCHS = ("llama", "mistral", "gemma3", "qwen2", "qwen3")
 # What a bundled layer computes between gate/up and down (docs/format.md). The ReLU family is
 # computed by the backend in place of the graph's GLU; the thresholded ones are the graph's own
 # silu/gelu in dense mode, with the threshold used by sparse decode.
 ACTIVATIONS = ("relu", "relu2", "drelu", "fatrelu", "silu_threshold", "gelu_threshold")
-_GRAPH_ACTIVATION = {"gemma3": "gelu_threshold", "bamboo": "drelu"}  # others: silu
+_GRAPH_ACTIVATION = {"gemma3": "gelu_threshold"}  # others: silu
 
 K = "powerinfer."
 
@@ -102,7 +102,13 @@ def _header(path: str, prefixes: list[str]) -> dict:
 
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 of a GGUF's header, metadata and tensor infos (cheap; names the model)."""
-    data_offset = int(_header(os.fspath(path), ["general.architecture"])["data_offset"])
+    from . import pwri
+
+    if pwri.is_pwri(path):
+        with pwri.gguf_view(path) as view:
+            data_offset = int(_header(view, ["general.architecture"])["data_offset"])
+    else:
+        data_offset = int(_header(os.fspath(path), ["general.architecture"])["data_offset"])
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(data_offset)).hexdigest()
 
@@ -269,13 +275,18 @@ def down_t_type(src_type: int, n_embd: int) -> int:
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencies: dict[int, np.ndarray],
             *, profile_tokens: int = 0, predictors: Optional[dict[int, tuple["Predictor", "PredictorQuality"]]] = None,
             activation: str = "auto", thresholds: Optional[dict[int, float]] = None,
+            down_t: Optional[dict[int, tuple[int, np.ndarray]]] = None, identity: Optional[str] = None,
             progress: Optional[Callable[[int, int], None]] = None) -> PowerInferFile:
     """Write the PowerInfer file for `src` at `dst` (temp name, then rename).
 
     `frequencies[layer]` is the per-neuron activation frequency (source order) from a profile;
     `predictors[layer]` a trained predictor (outputs in source order) and its held-out quality.
     `activation` is one of ACTIVATIONS or "auto" (see `source_activation`); `thresholds[layer]`
-    the FATReLU threshold or the magnitude threshold of a thresholded silu/gelu layer."""
+    the FATReLU threshold or the magnitude threshold of a thresholded silu/gelu layer.
+    `down_t[layer]` = (type, rows in source neuron order) replaces transposing ffn_down (a
+    PowerInfer file carries it); `identity` is the file whose hashes name the source (default
+    `src`)."""
+    down_t = down_t or {}
     predictors = predictors or {}
     thresholds = thresholds or {}
     src, dst = os.fspath(src), os.fspath(dst)
@@ -310,7 +321,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
         n_embd, n_ff = gate["ne"]
         if il not in frequencies or len(frequencies[il]) != n_ff:
             raise FormatError(f"profile has no frequencies for layer {il} (n_ff {n_ff}): was it made for this model?")
-        down_type = down_t_type(down["type"], n_embd)
+        down_type = down_t[il][0] if il in down_t else down_t_type(down["type"], n_embd)
         k = cluster_size(int(_core.row_size(gate["type"], n_embd)), int(_core.row_size(down_type, n_embd)))
         L = LayerLayout(il, n_ff, n_embd, gate["type"], down_type, k, offset)
         layouts.append(L)
@@ -330,7 +341,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         _write(src, tmp, arch, layouts, freq_offsets, perm_offsets, offset, frequencies, ffn,
-               profile_tokens, predictors, pred_offsets, activation, thresholds, progress)
+               profile_tokens, predictors, pred_offsets, activation, thresholds, down_t, identity or src, progress)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -340,7 +351,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
 def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offsets: list[int],
            perm_offsets: list[int], region_size: int, frequencies: dict[int, np.ndarray],
            ffn: dict[int, dict[str, dict]], profile_tokens: int, predictors: dict, pred_offsets: dict[int, int],
-           activation: str, thresholds: dict[int, float], progress: Optional[Callable[[int, int], None]]) -> None:
+           activation: str, thresholds: dict[int, float], given_down_t: dict[int, tuple[int, np.ndarray]],
+           identity: str, progress: Optional[Callable[[int, int], None]]) -> None:
     data = np.memmap(src, mode="r")
 
     def tensor_bytes(t: dict) -> np.ndarray:
@@ -360,6 +372,12 @@ def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offs
     down_t: dict[int, np.ndarray] = {}
     errors: list[float] = []
     for L in layouts:
+        if L.layer in given_down_t:
+            rows = given_down_t[L.layer][1].reshape(L.n_ff, L.down_row_bytes)
+            down_t[L.layer] = np.ascontiguousarray(rows[perms[L.layer]])
+            errors.append(0.0)
+            step()
+            continue
         d = ffn[L.layer]["down"]
         dense = _core.dequantize_rows(d["type"], tensor_bytes(d), L.n_ff)  # (n_embd, n_ff)
         t = np.ascontiguousarray(dense.T[perms[L.layer]])                # (n_ff, n_embd)
@@ -373,8 +391,8 @@ def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offs
     w.set_str("general.architecture", ARCH)  # stock llama.cpp refuses the file
     w.set_u32(K + "format_version", FORMAT_VERSION)
     w.set_str(K + "source.architecture", arch)
-    w.set_str(K + "source.sha256", _sha256(src))
-    w.set_str(K + "source.fingerprint", fingerprint(src))
+    w.set_str(K + "source.sha256", _sha256(identity))
+    w.set_str(K + "source.fingerprint", fingerprint(identity))
     w.set_u64(K + "region_size", region_size)
     w.set_u32(K + "layer_count", len(layouts))
     w.set_u64(K + "profile.tokens", profile_tokens)

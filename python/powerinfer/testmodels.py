@@ -303,3 +303,58 @@ def write_test_model(path: str | os.PathLike[str], *, preset: str = "tiny", wtyp
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def write_pwri_test_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, rank: int = 32,
+                          keep_down: bool = False) -> Path:
+    """A model in PowerInfer's own format (magic PWRI) made from a synthetic GGUF `src`: per layer
+    ``ffn_down_t`` (``ffn_down`` dropped unless `keep_down`), and a predictor ``fc1``/``fc2`` (F16)
+    whose score is a rank-`rank`/2 approximation of the gate pre-activation (fc1 = [V, -V], so
+    ``fc2 . relu(fc1 . x) = U S V^T x``), with ``powerinfer.sparse_threshold`` 0."""
+    from . import _core
+
+    src_p, out = os.fspath(src), Path(dst)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    header = _core.read_gguf_header(src_p, ["general.architecture"])
+    tensors = {t["name"]: t for t in header["tensors"]}
+    data = np.memmap(src_p, mode="r")
+
+    def matrix(name: str) -> np.ndarray:
+        t = tensors[name]
+        return _core.dequantize_rows(t["type"], np.asarray(data[t["offset"]:t["offset"] + t["nbytes"]]), t["ne"][0])
+
+    layers = sorted(int(n.split(".")[1]) for n in tensors if n.endswith(".ffn_gate.weight"))
+    f16 = int(gguf.GGMLQuantizationType.F16)
+    add, payload = [], {}
+    for il in layers:
+        down = tensors[f"blk.{il}.ffn_down.weight"]
+        n_ff, n_embd = down["ne"]
+        add.append((f"blk.{il}.ffn_down_t.weight", down["type"], [n_embd, n_ff]))
+        payload[f"blk.{il}.ffn_down_t.weight"] = _core.quantize_rows(
+            down["type"], np.ascontiguousarray(matrix(down["name"]).T))
+        u, s, vt = np.linalg.svd(matrix(f"blk.{il}.ffn_gate.weight"), full_matrices=False)
+        k = rank // 2
+        v, us = vt[:k], u[:, :k] * s[:k]
+        add.append((f"blk.{il}.fc1.weight", f16, [n_embd, 2 * k]))
+        payload[f"blk.{il}.fc1.weight"] = np.concatenate([v, -v]).astype(np.float16)
+        add.append((f"blk.{il}.fc2.weight", f16, [2 * k, n_ff]))
+        payload[f"blk.{il}.fc2.weight"] = np.concatenate([us, -us], axis=1).astype(np.float16)
+    skip = [] if keep_down else [f"blk.{il}.ffn_down.weight" for il in layers]
+    w = _core.GgufHeaderWriter(src_p, int(header["alignment"]))
+    w.set_f32("powerinfer.sparse_threshold", 0.0)
+    infos = w.add_source_tensors(skip, add)
+    meta = bytearray(w.meta())
+    meta[:4] = b"PWRI"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(meta)
+            for t in infos:
+                f.seek(len(meta) + t["dst_offset"])
+                if t["offset"] is not None:
+                    f.write(np.asarray(data[t["offset"]:t["offset"] + t["nbytes"]]).tobytes())
+                else:
+                    f.write(np.ascontiguousarray(payload[t["name"]]).tobytes())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
