@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _core
 from .format import FormatError
+from .gguf_io import write_gguf
 from .predictor import Predictor
 
 MAGIC = b"PWRI"
@@ -127,7 +128,6 @@ def to_plain_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
     src_p, out = os.fspath(src), Path(dst)
     if not is_pwri(src_p):
         raise FormatError(f"{src_p}: not a PowerInfer (PWRI) file")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     with gguf_view(src_p) as view:
         header = _header(view)
         tensors = _tensors(header)
@@ -143,19 +143,11 @@ def to_plain_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
         w = _core.GgufHeaderWriter(view, int(header["alignment"]))
         infos = w.add_source_tensors(skip, add)
         meta = w.meta()
-    try:
-        with open(tmp, "wb") as f:
-            f.write(meta)
-            for t in infos:
-                f.seek(len(meta) + t["dst_offset"])
-                if t["offset"] is not None:
-                    f.write(_tensor(src_p, t).tobytes())
-                else:  # ffn_down from ffn_down_t
-                    dt = tensors[t["name"].replace("ffn_down", "ffn_down_t")]
-                    dense = _matrix(src_p, dt).T  # (n_embd, n_ff)
-                    f.write(_core.quantize_rows(t["type"], np.ascontiguousarray(dense)).tobytes())
-            f.truncate(f.tell())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+
+    def tensor_bytes(t: dict) -> bytes:
+        if t["offset"] is not None:
+            return _tensor(src_p, t).tobytes()
+        dense = _matrix(src_p, tensors[t["name"].replace("ffn_down", "ffn_down_t")]).T  # (n_embd, n_ff)
+        return _core.quantize_rows(t["type"], np.ascontiguousarray(dense)).tobytes()
+
+    return write_gguf(out, meta, infos, tensor_bytes)

@@ -313,8 +313,9 @@ def write_pwri_test_model(src: str | os.PathLike[str], dst: str | os.PathLike[st
     ``fc2 . relu(fc1 . x) = U S V^T x``), with ``powerinfer.sparse_threshold`` 0."""
     from . import _core
 
-    src_p, out = os.fspath(src), Path(dst)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    from .gguf_io import write_gguf
+
+    src_p = os.fspath(src)
     header = _core.read_gguf_header(src_p, ["general.architecture"])
     tensors = {t["name"]: t for t in header["tensors"]}
     data = np.memmap(src_p, mode="r")
@@ -345,16 +346,10 @@ def write_pwri_test_model(src: str | os.PathLike[str], dst: str | os.PathLike[st
     infos = w.add_source_tensors(skip, add)
     meta = bytearray(w.meta())
     meta[:4] = b"PWRI"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(meta)
-            for t in infos:
-                f.seek(len(meta) + t["dst_offset"])
-                if t["offset"] is not None:
-                    f.write(np.asarray(data[t["offset"]:t["offset"] + t["nbytes"]]).tobytes())
-                else:
-                    f.write(np.ascontiguousarray(payload[t["name"]]).tobytes())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+
+    def tensor_bytes(t: dict) -> bytes:
+        if t["offset"] is not None:
+            return np.asarray(data[t["offset"]:t["offset"] + t["nbytes"]]).tobytes()
+        return np.ascontiguousarray(payload[t["name"]]).tobytes()
+
+    return write_gguf(Path(dst), bytes(meta), infos, tensor_bytes)
