@@ -30,7 +30,7 @@ void pi_aligned_buf_free(pi_aligned_buf * buf) {
     buf->capacity = 0;
 }
 
-bool pi_file_open(pi_file * file, const char * path, std::string * err) {
+bool pi_file_open(pi_file * file, const char * path, std::string * err, struct gguf_context ** header) {
     file->path = path;
     file->fd_buffered = open(path, O_RDONLY | O_CLOEXEC);
     if (file->fd_buffered < 0) {
@@ -76,7 +76,11 @@ bool pi_file_open(pi_file * file, const char * path, std::string * err) {
         }
         file->tensors[gguf_get_tensor_name(gguf, i)] = loc;
     }
-    gguf_free(gguf);
+    if (header != nullptr) {
+        *header = gguf;
+    } else {
+        gguf_free(gguf);
+    }
     return true;
 }
 

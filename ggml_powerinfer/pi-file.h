@@ -31,8 +31,11 @@ struct pi_file {
 
 constexpr size_t PI_IO_ALIGN = 4096;
 
-// Opens and indexes a GGUF file. Returns false and fills err on failure.
-bool pi_file_open(pi_file * file, const char * path, std::string * err);
+struct gguf_context;
+
+// Opens and indexes a GGUF file. Returns false and fills err on failure. With `header`, the
+// parsed header is handed to the caller (who frees it with gguf_free) instead of being freed.
+bool pi_file_open(pi_file * file, const char * path, std::string * err, struct gguf_context ** header = nullptr);
 void pi_file_close(pi_file * file);
 
 // Reads [offset, offset+size) into buf (grown as needed) and returns a pointer to the first byte

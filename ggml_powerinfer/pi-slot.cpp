@@ -457,17 +457,16 @@ pi_model_slot_t pi_model_slot_new(const char * path, enum pi_residency residency
     slot->residency = residency;
     slot->repack    = repack;
     std::string why;
-    if (!pi_file_open(&slot->file, path, &why)) {
+    struct gguf_context * gguf = nullptr;
+    if (!pi_file_open(&slot->file, path, &why, &gguf)) {
         if (err != nullptr && err_size > 0) {
             snprintf(err, err_size, "%s", why.c_str());
         }
         delete slot;
         return nullptr;
     }
-    struct gguf_init_params params = { /*.no_alloc =*/ true, /*.ctx =*/ nullptr };
-    struct gguf_context * gguf = gguf_init_from_file(path, params);
-    slot->powerinfer = gguf != nullptr && pi_bundle_is_powerinfer(gguf);
-    bool ok = gguf != nullptr;
+    slot->powerinfer = pi_bundle_is_powerinfer(gguf);
+    bool ok = true;
     if (slot->powerinfer) {
         ok = pi_bundle_index_read(gguf, slot->file.file_size, &slot->bundles, &why);
         why = std::string(path) + ": " + why;
@@ -477,9 +476,7 @@ pi_model_slot_t pi_model_slot_new(const char * path, enum pi_residency residency
                   "open it with the FFN in memory";
         }
     }
-    if (gguf != nullptr) {
-        gguf_free(gguf);
-    }
+    gguf_free(gguf);
     if (!ok) {
         if (err != nullptr && err_size > 0) {
             snprintf(err, err_size, "%s", why.c_str());

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import llama_cpp
-import numpy as np
 import pytest
 
 import powerinfer
@@ -20,21 +19,8 @@ PROMPT = "The quick brown fox"
 KW = dict(n_ctx=256, n_threads=THREADS, verbose=False, seed=0)
 
 
-def _stock_and_converted(source: Path, converted: str, n: int = 32) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Teacher-forced logits of both models over the stock model's greedy continuation."""
-    stock = llama_cpp.Llama(str(source), logits_all=True, **KW)
-    prompt = stock.tokenize(PROMPT.encode())
-    tokens = list(prompt)
-    for tok in stock.generate(prompt, temp=0.0):
-        tokens.append(tok)
-        if len(tokens) >= len(prompt) + n:
-            break
-    ref = quality.logits(stock, tokens)
-    stock.close()
-    pi = powerinfer.Llama(converted, logits_all=True, **KW)
-    test = quality.logits(pi, tokens)
-    pi.close()
-    return ref, test, tokens
+def _against_stock(source: Path, converted: str, n: int = 32) -> quality.Agreement:
+    return quality.against_stock(str(source), converted, PROMPT, n, **KW)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +34,9 @@ def converted_silu(synthetic_models: dict[str, Path], profiles: dict[str, ModelP
 def test_f16_graph_activation_matches_stock(synthetic_models: dict[str, Path],
                                             converted_silu: fmt.PowerInferFile) -> None:
     """F16 bundles hold the source's exact weights: only the summation order of down differs."""
-    ref, test, _ = _stock_and_converted(synthetic_models["f16"], converted_silu.path)
-    agree = quality.compare(ref, test)
+    agree = _against_stock(synthetic_models["f16"], converted_silu.path)
     assert agree.top1 == 1.0
-    assert np.abs(ref - test).max() < 0.05  # logits have std ~8
+    assert agree.max_abs_diff < 0.05  # logits have std ~8
     assert agree.kl_max < 1e-4
 
 
@@ -63,8 +48,7 @@ def test_relu_models_match_stock(synthetic_models: dict[str, Path], converted: d
     Q5_0 (4% relative RMS): greedy choices agree within those errors."""
     pf = converted[wtype]
     assert set(pf.activations) == {"relu"}
-    ref, test, _ = _stock_and_converted(synthetic_models[wtype], pf.path)
-    agree = quality.compare(ref, test)
+    agree = _against_stock(synthetic_models[wtype], pf.path)
     assert agree.top1 >= min_top1, agree
     assert agree.kl_mean <= max_kl, agree
 
@@ -89,8 +73,7 @@ def test_gemma_converted_matches_stock(gemma_path: Path, tmp_path: Path) -> None
     prof = profile_model(gemma_path, calibration_texts(), max_tokens=128, threads=THREADS)
     pf = fmt.convert(gemma_path, tmp_path / "g.gguf", prof.frequencies())
     assert set(pf.activations) == {"gelu_threshold"}
-    ref, test, _ = _stock_and_converted(gemma_path, pf.path, n=24)
-    agree = quality.compare(ref, test)
+    agree = _against_stock(gemma_path, pf.path, n=24)
     # down_t in Q8_0 (0.5% relative RMS against the source's Q6_K/Q4_K down)
     assert agree.top1 >= 0.95, agree
     assert agree.kl_mean < 0.02, agree

@@ -105,8 +105,7 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
     from . import pwri
 
     if pwri.is_pwri(path):
-        with pwri.gguf_view(path) as view:
-            data_offset = int(_header(view, ["general.architecture"])["data_offset"])
+        data_offset = int(pwri.header(path)["data_offset"])
     else:
         data_offset = int(_header(os.fspath(path), ["general.architecture"])["data_offset"])
     with open(path, "rb") as f:

@@ -14,6 +14,7 @@ Such a file is a GGUF whose magic reads ``PWRI``, with per layer the predictor
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import tempfile
@@ -41,14 +42,15 @@ def is_pwri(path: str | os.PathLike[str]) -> bool:
 
 
 @contextlib.contextmanager
-def gguf_view(path: str | os.PathLike[str]) -> Iterator[str]:
+def gguf_view(path: str | os.PathLike[str], head_bytes: int = _HEADER_BYTES_MAX) -> Iterator[str]:
     """A path at which the PWRI file reads as a GGUF with the same offsets: a sparse temp file
-    holding the header with the GGUF magic, the size of the original (data is read from it)."""
+    holding the first `head_bytes` (at least the header) with the GGUF magic, the size of the
+    original (data is read from the original)."""
     size = os.path.getsize(path)
     fd, tmp = tempfile.mkstemp(prefix="powerinfer-pwri-", suffix=".gguf")
     try:
         with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-            head = bytearray(src.read(min(size, _HEADER_BYTES_MAX)))
+            head = bytearray(src.read(min(size, head_bytes)))
             head[:4] = b"GGUF"
             dst.write(head)
             dst.truncate(size)
@@ -57,11 +59,25 @@ def gguf_view(path: str | os.PathLike[str]) -> Iterator[str]:
         os.unlink(tmp)
 
 
-def _header(view: str) -> dict:
+def _parse(view: str) -> dict:
     try:
         return _core.read_gguf_header(view, [])
     except ValueError as exc:
         raise FormatError(f"corrupt PowerInfer (PWRI) file: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_header(path: str, size: int, mtime_ns: int) -> dict:
+    with gguf_view(path) as view:
+        return _parse(view)
+
+
+def header(path: str | os.PathLike[str]) -> dict:
+    """The PWRI file's metadata and tensor infos (``_core.read_gguf_header`` form), parsed once
+    per file version: each parse copies the header to a temp file."""
+    p = os.fspath(path)
+    st = os.stat(p)
+    return _cached_header(p, st.st_size, st.st_mtime_ns)
 
 
 def _tensor(path: str, t: dict) -> np.ndarray:
@@ -85,10 +101,9 @@ def _tensors(header: dict) -> dict[str, dict]:
 def predictors(path: str | os.PathLike[str]) -> dict[int, Predictor]:
     """Each layer's predictor, outputs in the file's neuron order."""
     p = os.fspath(path)
-    with gguf_view(p) as view:
-        header = _header(view)
-    threshold = float(header["kv"].get(THRESHOLD_KEY, 0.0))
-    tensors = _tensors(header)
+    h = header(p)
+    threshold = float(h["kv"].get(THRESHOLD_KEY, 0.0))
+    tensors = _tensors(h)
     out: dict[int, Predictor] = {}
     for name, t in tensors.items():
         m = _PREDICTOR.match(name)
@@ -108,10 +123,8 @@ def predictors(path: str | os.PathLike[str]) -> dict[int, Predictor]:
 def down_t_rows(path: str | os.PathLike[str]) -> dict[int, tuple[int, np.ndarray]]:
     """Each layer's ffn_down_t as (ggml type, raw rows: n_ff rows of n_embd), file order."""
     p = os.fspath(path)
-    with gguf_view(p) as view:
-        header = _header(view)
     out: dict[int, tuple[int, np.ndarray]] = {}
-    for name, t in _tensors(header).items():
+    for name, t in _tensors(header(p)).items():
         m = _PREDICTOR.match(name)
         if m and m.group(2) == "ffn_down_t":
             out[int(m.group(1))] = (int(t["type"]), _tensor(p, t))
@@ -128,9 +141,9 @@ def to_plain_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
     src_p, out = os.fspath(src), Path(dst)
     if not is_pwri(src_p):
         raise FormatError(f"{src_p}: not a PowerInfer (PWRI) file")
-    with gguf_view(src_p) as view:
-        header = _header(view)
-        tensors = _tensors(header)
+    h = header(src_p)
+    tensors = _tensors(h)
+    with gguf_view(src_p, int(h["data_offset"])) as view:
         skip = [n for n in tensors if _PREDICTOR.match(n)]
         add = []
         for name in skip:
@@ -140,7 +153,7 @@ def to_plain_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
             if m.group(2) == "ffn_down_t" and down not in tensors:
                 n_embd, n_ff = tensors[name]["ne"]
                 add.append((down, _down_type(tensors[name]["type"], n_ff), [n_ff, n_embd]))
-        w = _core.GgufHeaderWriter(view, int(header["alignment"]))
+        w = _core.GgufHeaderWriter(view, int(h["alignment"]))
         infos = w.add_source_tensors(skip, add)
         meta = w.meta()
 

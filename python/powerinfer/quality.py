@@ -6,7 +6,7 @@ teacher-forced top-1 agreement and KL divergence against a reference, and perple
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import llama_cpp
 import numpy as np
@@ -18,6 +18,7 @@ class Agreement:
     top1: float      # fraction of positions where both models' argmax agree
     kl_mean: float   # mean KL(reference || test) in nats
     kl_max: float
+    max_abs_diff: float  # largest logit difference
 
 
 def logits(llm: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
@@ -42,7 +43,8 @@ def compare(reference: np.ndarray, test: np.ndarray) -> Agreement:
     lp, lq = _log_softmax(reference), _log_softmax(test)
     kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
     top1 = float(np.mean(reference.argmax(axis=-1) == test.argmax(axis=-1)))
-    return Agreement(int(reference.shape[0]), top1, float(kl.mean()), float(kl.max()))
+    return Agreement(int(reference.shape[0]), top1, float(kl.mean()), float(kl.max()),
+                     float(np.abs(reference - test).max()))
 
 
 def perplexity(all_logits: np.ndarray, tokens: Sequence[int]) -> float:
@@ -50,3 +52,27 @@ def perplexity(all_logits: np.ndarray, tokens: Sequence[int]) -> float:
     lp = _log_softmax(all_logits[: len(tokens) - 1])
     nll = -lp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]
     return float(np.exp(nll.mean()))
+
+
+def against_stock(source: str, model: str, prompt: str, n_tokens: int, **kwargs: Any) -> Agreement:
+    """Agreement of `model` opened with ``powerinfer.Llama`` (a converted model, or any options in
+    `kwargs`) with `source` in stock llama-cpp-python, teacher-forced over stock's greedy
+    continuation of `prompt` (`n_tokens` tokens)."""
+    from .llama import Llama
+
+    stock = llama_cpp.Llama(source, logits_all=True, **kwargs)
+    try:
+        tokens = stock.tokenize(prompt.encode())
+        n_prompt = len(tokens)
+        for tok in stock.generate(list(tokens), temp=0.0):
+            tokens.append(tok)
+            if len(tokens) >= n_prompt + n_tokens:
+                break
+        reference = logits(stock, tokens)
+    finally:
+        stock.close()
+    ours = Llama(model, logits_all=True, **kwargs)
+    try:
+        return compare(reference, logits(ours, tokens))
+    finally:
+        ours.close()
