@@ -6,6 +6,7 @@ Every answer is compared with powerinfer.Llama called directly on the same file.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import socket
@@ -24,6 +25,7 @@ import pytest
 import powerinfer
 from conftest import THREADS
 from powerinfer.metrics import Metrics
+from powerinfer.server import CancelToken, ModelWorker, _Skipped
 from powerinfer.testmodels import write_test_model
 
 N_CTX = 2048
@@ -307,3 +309,40 @@ def test_metrics_exposition() -> None:
 def test_no_speed_before_any_work() -> None:
     s = _samples(Metrics().render())
     assert "powerinfer_generation_tokens_per_second" not in s and s["powerinfer_generated_tokens_total"] == 0
+
+
+def test_worker_runs_jobs_in_order_and_skips_cancelled_ones(tiny_model: Path) -> None:
+    """The queue itself: one job at a time, arrival order, a job whose client left is not run."""
+    llm = powerinfer.Llama(str(tiny_model), n_ctx=256, n_threads=THREADS, verbose=False)
+    metrics = Metrics()
+    worker = ModelWorker(llm, metrics)
+    started, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+    active = 0
+
+    def job(i: int) -> int:
+        nonlocal active
+        active += 1
+        assert active == 1  # never two at once
+        if i == 0:
+            started.set()
+            release.wait(timeout=30)
+        ran.append(i)
+        active -= 1
+        return i
+
+    tokens = [CancelToken() for _ in range(5)]
+    futures = [worker.submit(functools.partial(job, 0), tokens[0])]
+    assert started.wait(timeout=30)
+    futures += [worker.submit(functools.partial(job, i), tokens[i]) for i in range(1, 5)]
+    s = _samples(metrics.render())
+    assert s["powerinfer_requests_waiting"] == 4 and s["powerinfer_requests_running"] == 1
+    tokens[2].cancel()  # its client disconnected while it waited
+    release.set()
+    assert [f.result(timeout=30) for i, f in enumerate(futures) if i != 2] == [0, 1, 3, 4]
+    with pytest.raises(_Skipped):
+        futures[2].result()
+    assert ran == [0, 1, 3, 4]
+    assert _samples(metrics.render())["powerinfer_requests_queued_total"] == 4
+    worker.close()
+    llm.close()
