@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import llama_cpp
 import openai
 import pytest
 
 import powerinfer
 from conftest import THREADS
 from powerinfer.metrics import Metrics
-from powerinfer.server import CancelToken, ModelWorker, _Skipped
+from powerinfer.server import CancelToken, ModelWorker, _bias_processor, _Skipped, _stop_when_cancelled
 from powerinfer.testmodels import write_test_model
 
 N_CTX = 2048
@@ -166,6 +167,16 @@ def test_json_mode(served: tuple[Server, powerinfer.Llama]) -> None:
     assert set(json.loads(want)) == {"ok", "n"}
 
 
+def test_logit_bias_with_min_tokens(served: tuple[Server, powerinfer.Llama]) -> None:
+    """Both apply (llama-cpp-python alone drops both when given the two)."""
+    server, reference = served
+    token = reference.tokenize(b"q", add_bos=False)[-1]
+    out = server.client.completions.create(model=server.name, prompt="hi", max_tokens=6, temperature=0,
+                                           logit_bias={str(token): 100}, extra_body={"min_tokens": 6})
+    assert out.usage.completion_tokens == 6
+    assert out.choices[0].text == reference.detokenize([token] * 6, prev_tokens=[token]).decode()
+
+
 def test_eight_concurrent_clients(served: tuple[Server, powerinfer.Llama]) -> None:
     """Eight clients at once, half of them streaming: all answered, each with its own text."""
     server, reference = served
@@ -200,14 +211,16 @@ def test_eight_concurrent_clients(served: tuple[Server, powerinfer.Llama]) -> No
     assert server.metrics()["powerinfer_requests_queued_total"] > queued_before
 
 
-def test_client_disconnecting_mid_stream(served: tuple[Server, powerinfer.Llama]) -> None:
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_client_disconnecting_mid_stream(served: tuple[Server, powerinfer.Llama], endpoint: str) -> None:
     """A client that leaves after the first chunk: its generation stops, the next request is
     answered correctly."""
     server, reference = served
     before = server.metrics()["powerinfer_generated_tokens_total"]
-    body = {"model": server.name, "prompt": PROMPTS[1], "max_tokens": N_CTX - 64, "temperature": 0,
-            "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+    body = {"model": server.name, "max_tokens": N_CTX - 64, "temperature": 0, "stream": True,
+            **({"prompt": PROMPTS[1]} if endpoint == "completions" else
+               {"messages": [{"role": "user", "content": PROMPTS[1]}]})}
+    with httpx.stream("POST", f"{server.url}/v1/{endpoint}", json=body, timeout=60) as response:
         assert response.status_code == 200
         first = next(response.iter_lines())
         assert first.startswith("data: ") and "choices" in json.loads(first[6:])
@@ -345,4 +358,24 @@ def test_worker_runs_jobs_in_order_and_skips_cancelled_ones(tiny_model: Path) ->
     assert ran == [0, 1, 3, 4]
     assert _samples(metrics.render())["powerinfer_requests_queued_total"] == 4
     worker.close()
+    llm.close()
+
+
+def test_a_cancelled_call_ends_at_the_next_token(tiny_model: Path) -> None:
+    """Cancellation does not wait for llama-cpp-python to yield a chunk (it holds chunks back
+    while the text is not valid UTF-8): completions stop on a stopping criterion, chats on a
+    forced end-of-sequence."""
+    llm = powerinfer.Llama(str(tiny_model), n_ctx=256, n_threads=THREADS, verbose=False)
+    messages = [{"role": "user", "content": "hello"}]
+    for chat in (False, True):
+        for cancelled in (False, True):
+            token = CancelToken()
+            if cancelled:
+                token.cancel()
+            no_eos = llama_cpp.LogitsProcessorList([_bias_processor({llm.token_eos(): -100.0})])
+            kwargs: dict = {"max_tokens": 32, "temperature": 0.0, "logits_processor": no_eos}
+            _stop_when_cancelled(kwargs, token, llm, chat=chat)
+            out = (llm.create_chat_completion(messages, **kwargs) if chat else llm.create_completion("hello", **kwargs))
+            used = out["usage"]["completion_tokens"]
+            assert (used, out["choices"][0]["finish_reason"]) == ((0, "stop") if cancelled else (32, "length"))
     llm.close()

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 import jinja2
 import llama_cpp
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -290,17 +291,22 @@ def create_app(llm: llama_cpp.Llama, model_name: str, *, model_path: Optional[st
         kwargs["model"] = model_name
         if body.grammar is not None:
             kwargs["grammar"] = llama_cpp.LlamaGrammar.from_string(body.grammar, verbose=False)
+        # logit_bias as a processor of ours: llama-cpp-python drops both its logit_bias and the
+        # logits_processor list when given the two (it assigns the result of list.extend)
+        processors = llama_cpp.LogitsProcessorList()
         if body.logit_bias is not None:
-            kwargs["logit_bias"] = (_token_bias(llm, body.logit_bias) if body.logit_bias_type == "tokens"
-                                    else {int(k): v for k, v in body.logit_bias.items()})
+            processors.append(_bias_processor(_token_bias(llm, body.logit_bias) if body.logit_bias_type == "tokens"
+                                              else {int(k): v for k, v in body.logit_bias.items()}))
         if body.min_tokens > 0:
-            kwargs["logits_processor"] = llama_cpp.LogitsProcessorList(
-                [llama_cpp.MinTokensLogitsProcessor(body.min_tokens, llm.token_eos())])
+            processors.append(llama_cpp.MinTokensLogitsProcessor(body.min_tokens, llm.token_eos()))
+        if processors:
+            kwargs["logits_processor"] = processors
         return kwargs
 
     async def answer(request: Request, body: Union[CreateCompletionRequest, CreateChatCompletionRequest],
                      call: Callable[..., Any], kwargs: dict[str, Any]) -> Response:
         token = CancelToken()
+        _stop_when_cancelled(kwargs, token, llm, chat=isinstance(body, CreateChatCompletionRequest))
         if not body.stream:
             future = asyncio.wrap_future(worker.submit(lambda: call(**kwargs, stream=False), token))
             _quiet(future)
@@ -379,6 +385,45 @@ def create_app(llm: llama_cpp.Llama, model_name: str, *, model_path: Optional[st
     app.state.metrics = metrics
     app.state.worker = worker
     return app
+
+
+def _stop_when_cancelled(kwargs: dict[str, Any], token: CancelToken, llm: llama_cpp.Llama, *, chat: bool) -> None:
+    """Make the call end at the next token once `token` is cancelled.
+
+    Checking between stream chunks is not enough: llama-cpp-python holds chunks back while the
+    text is not valid UTF-8 (and then re-decodes all held tokens for every new one), so a
+    stream can go on for long without yielding. A completion takes a stopping criterion; a
+    chat call has no such parameter, so its logits are replaced by a certain end-of-sequence.
+    """
+    if not chat:
+        kwargs["stopping_criteria"] = llama_cpp.StoppingCriteriaList([lambda _ids, _logits: token.cancelled])
+        return
+    if kwargs.get("grammar") is not None or kwargs.get("response_format") is not None:
+        return  # a grammar may forbid the end here: forcing it could leave no token to sample
+    eos = llm.token_eos()
+
+    def end_if_cancelled(_ids: Any, scores: Any) -> Any:
+        if not token.cancelled:
+            return scores
+        forced = np.full_like(scores, -np.inf)
+        forced[eos] = 0.0
+        return forced
+
+    kwargs["logits_processor"] = llama_cpp.LogitsProcessorList([*(kwargs.get("logits_processor") or []),
+                                                                end_if_cancelled])
+
+
+def _bias_processor(bias: dict[int, float]) -> Callable[[Any, Any], Any]:
+    """OpenAI's logit_bias: `bias[token]` added to that token's logit."""
+    ids = np.array(list(bias), dtype=np.intc)
+    values = np.array(list(bias.values()), dtype=np.single)
+
+    def add_bias(_ids: Any, scores: Any) -> Any:
+        out = np.array(scores, copy=True)
+        out[ids] += values
+        return out
+
+    return add_bias
 
 
 def _token_bias(llm: llama_cpp.Llama, bias: dict[str, float]) -> dict[int, float]:
