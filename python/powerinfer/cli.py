@@ -35,10 +35,18 @@ def _cmd_make_test_model(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    from tqdm import tqdm
+
     threads = args.threads or max(1, os.cpu_count() or 1)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    rows = bench.run(args.model, modes=modes, threads=threads, n_prompt=args.n_prompt,
-                     n_gen=args.n_gen, reps=args.repetitions, seed=args.seed)
+    with tqdm(total=len(modes), unit="config", desc="benchmarking", delay=1.0, disable=args.quiet) as bar:
+        def progress(mode: str) -> None:  # called as `mode` starts: the ones before it are done
+            bar.update(modes.index(mode) - bar.n)
+            bar.set_postfix_str(mode)
+
+        rows = bench.run(args.model, modes=modes, threads=threads, n_prompt=args.n_prompt,
+                         n_gen=args.n_gen, reps=args.repetitions, seed=args.seed, progress=progress)
+        bar.update(len(modes) - bar.n)
     print(bench.format_table(args.model, rows, threads))
     return 0
 
@@ -268,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--modes", default="stock,ram,disk", help="comma list of stock, ram, disk")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("profile", help="measure per-neuron FFN activation frequencies on calibration text")
