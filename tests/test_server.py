@@ -111,10 +111,12 @@ def served(request: pytest.FixtureRequest, model_files: dict[str, Path],
     directly for reference answers. The synthetic model carries a chat template in its GGUF."""
     path = model_files[request.param]
     server = start_server(path, tmp_path_factory.mktemp("log") / "server.log", "-c", str(N_CTX), "--ffn-on-disk")
-    reference = powerinfer.Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, ffn_on_disk=True, verbose=False)
-    yield server, reference
-    reference.close()
-    stop_server(server)
+    try:
+        reference = powerinfer.Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, ffn_on_disk=True, verbose=False)
+        yield server, reference
+        reference.close()
+    finally:
+        stop_server(server)
 
 
 def _expected(reference: powerinfer.Llama, prompt: str, max_tokens: int) -> str:
@@ -132,7 +134,7 @@ def test_completion_and_stream(served: tuple[Server, powerinfer.Llama]) -> None:
     expected = _expected(reference, PROMPTS[0], 24)
     out = server.client.completions.create(model=server.name, prompt=PROMPTS[0], max_tokens=24, temperature=0)
     assert out.choices[0].text == expected
-    assert out.model == server.name and out.usage.completion_tokens == 24
+    assert out.model == server.name and 0 < out.usage.completion_tokens <= 24
     stream = server.client.completions.create(model=server.name, prompt=PROMPTS[0], max_tokens=24,
                                               temperature=0, stream=True)
     chunks = [c.choices[0].text for c in stream]
