@@ -1,4 +1,7 @@
-"""powerinfer.Llama keeps llama_cpp.Llama's API: completion, chat, streaming, tokenizer."""
+"""powerinfer.Llama is a llama_cpp.Llama: tokenizer, plain-kernel sampling, stats, embeddings.
+
+Completion, chat, streaming, stop sequences, logprobs, grammars and seeds against stock are in
+test_dropin.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,27 +35,6 @@ def test_tokenize_roundtrip(gemma_pair) -> None:
     assert ours.detokenize(ours.tokenize(text, add_bos=False)) == text
 
 
-def test_completion_and_stream(gemma_pair) -> None:
-    stock, ours = gemma_pair
-    args = dict(max_tokens=20, temperature=0.0)
-    expected = stock.create_completion("Water boils at", **args)["choices"][0]["text"]
-    assert ours("Water boils at", **args)["choices"][0]["text"] == expected
-    streamed = "".join(c["choices"][0]["text"] for c in ours.create_completion("Water boils at", stream=True, **args))
-    assert streamed == expected
-
-
-def test_chat_completion(gemma_pair) -> None:
-    stock, ours = gemma_pair
-    messages = [{"role": "user", "content": "Name a primary colour."}]
-    args = dict(max_tokens=16, temperature=0.0)
-    expected = stock.create_chat_completion(messages, **args)["choices"][0]["message"]["content"]
-    got = ours.create_chat_completion(messages, **args)
-    assert got["choices"][0]["message"]["content"] == expected
-    chunks = list(ours.create_chat_completion(messages, stream=True, **args))
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    assert text == expected
-
-
 def test_stop_sequences_and_seeded_sampling(gemma_path: Path) -> None:
     """Sampling is sensitive to the last bit of a probability, so the reference is stock with
     the plain CPU kernels (stock's default repacks Q4_K, whose rounding differs slightly)."""
@@ -76,13 +58,6 @@ def test_stats_count_tokens(gemma_pair) -> None:
     stats = ours.powerinfer_stats()
     assert stats["ffn_graphs"] > 0 and stats["ffn_tokens"] >= stats["ffn_graphs"]
     assert stats["ffn_seconds"] > 0
-
-
-def test_synthetic_chat_template(synthetic_models: dict[str, Path]) -> None:
-    llm = powerinfer.Llama(str(synthetic_models["f16"]), n_ctx=256, n_threads=THREADS, verbose=False)
-    out = llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=8, temperature=0.0)
-    assert out["choices"][0]["message"]["role"] == "assistant"
-    llm.close()
 
 
 def test_embeddings_match_stock(synthetic_models: dict[str, Path]) -> None:

@@ -1,18 +1,26 @@
 """The powerinfer command line."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import powerinfer
+from conftest import THREADS
+from powerinfer.chat import chat_loop
+from powerinfer.units import parse_size
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "powerinfer", *args], capture_output=True, text=True, timeout=600)
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "powerinfer", *args], capture_output=True, text=True, timeout=600,
+                          input=stdin)
 
 
-@pytest.mark.parametrize("command", ["make-test-model", "bench", "run", "demo"])
+@pytest.mark.parametrize("command", ["make-test-model", "bench", "profile", "convert", "inspect", "run", "chat",
+                                     "serve", "demo"])
 def test_help(command: str) -> None:
     proc = _cli(command, "--help")
     assert proc.returncode == 0
@@ -42,3 +50,58 @@ def test_clear_error_for_a_bad_model(tmp_path: Path) -> None:
     proc = _cli("run", str(bad), "-p", "hi")
     assert proc.returncode == 1
     assert "not a GGUF" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sizes() -> None:
+    assert parse_size("4GiB") == 4 * 2**30
+    assert parse_size("512 MiB") == 512 * 2**20
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("8g") == 8 * 10**9
+    assert parse_size("123") == 123
+    for bad in ("", "GiB", "4 parsecs", "-1GiB", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_memory_budget_is_a_clear_error(tiny_model: Path) -> None:
+    for command in (["serve", str(tiny_model)], ["run", str(tiny_model), "-p", "hi"], ["chat", str(tiny_model)]):
+        proc = _cli(*command, "--memory-budget", "4GiB")
+        assert proc.returncode == 1
+        assert "--memory-budget is not available yet" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("serve", str(tiny_model), "--memory-budget", "lots")
+    assert proc.returncode == 2 and "not a size" in proc.stderr
+
+
+def test_chat_from_stdin(tiny_model: Path) -> None:
+    """Piped chat: one reply per line, history kept, /reset forgets it; the GGUF's template."""
+    proc = _cli("chat", str(tiny_model), "-n", "8", "--temperature", "0", "-t", str(THREADS), "-c", "512",
+                stdin="hello\nhow are you\n/reset\nhow are you\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "no chat template" not in proc.stderr
+    llm = powerinfer.Llama(str(tiny_model), n_ctx=512, n_threads=THREADS, verbose=False)
+
+    def reply(messages: list[dict[str, str]]) -> str:
+        out = llm.create_chat_completion(messages, max_tokens=8, temperature=0.0)
+        return out["choices"][0]["message"]["content"]
+
+    first = reply([{"role": "user", "content": "hello"}])
+    second = reply([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "how are you"}])
+    fresh = reply([{"role": "user", "content": "how are you"}])
+    llm.close()
+    assert proc.stdout == f"{first}\n{second}\n{fresh}\n"
+
+
+def test_chat_drops_old_exchanges_when_the_context_is_full(tiny_model: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # n_ctx a multiple of 256: llama.cpp pads the context to one, and llama-cpp-python's token
+    # buffer would then be shorter than the context it checks prompts against
+    llm = powerinfer.Llama(str(tiny_model), n_ctx=256, n_threads=THREADS, verbose=False)
+    lines = ["tell me something about sparse neurons and flash storage"] * 6 + ["x " * 300, "one more thing"]
+    out = io.StringIO()
+    assert chat_loop(llm, io.StringIO("\n".join(lines) + "\n"), out, max_tokens=8, temperature=0.0) == 0
+    llm.close()
+    err = capsys.readouterr().err
+    assert "dropped the oldest exchange" in err
+    assert "message too long for the context (256 tokens)" in err
+    assert out.getvalue().count("\n") == len(lines) - 1  # every message answered but the too-long one

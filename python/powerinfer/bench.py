@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 MODES = ("stock", "ram", "disk")
 
@@ -97,10 +97,14 @@ def _worker(mode: str, model: str, threads: int, n_prompt: int, n_gen: int, reps
 
 
 def run(model: str, modes: Sequence[str] = MODES, threads: int | None = None, n_prompt: int = 512,
-        n_gen: int = 128, reps: int = 3, seed: int = 0) -> list[BenchRow]:
+        n_gen: int = 128, reps: int = 3, seed: int = 0,
+        progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """Benchmark each mode in its own process; `progress(mode)` is called as each one starts."""
     threads = threads or max(1, os.cpu_count() or 1)
     rows: list[BenchRow] = []
     for mode in modes:
+        if progress is not None:
+            progress(mode)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         cmd = [sys.executable, "-m", "powerinfer.bench", "--worker", mode, model, str(threads),

@@ -4,7 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, TextIO
+
+from .units import parse_size
+
+if TYPE_CHECKING:
+    from .llama import Llama
 
 from .format import ACTIVATIONS
 
@@ -32,10 +37,18 @@ def _cmd_make_test_model(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    from tqdm import tqdm
+
     threads = args.threads or max(1, os.cpu_count() or 1)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    rows = bench.run(args.model, modes=modes, threads=threads, n_prompt=args.n_prompt,
-                     n_gen=args.n_gen, reps=args.repetitions, seed=args.seed)
+    with tqdm(total=len(modes), unit="config", desc="benchmarking", delay=1.0, disable=args.quiet) as bar:
+        def progress(mode: str) -> None:  # called as `mode` starts: the ones before it are done
+            bar.update(modes.index(mode) - bar.n)
+            bar.set_postfix_str(mode)
+
+        rows = bench.run(args.model, modes=modes, threads=threads, n_prompt=args.n_prompt,
+                         n_gen=args.n_gen, reps=args.repetitions, seed=args.seed, progress=progress)
+        bar.update(len(modes) - bar.n)
     print(bench.format_table(args.model, rows, threads))
     return 0
 
@@ -166,11 +179,73 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+class _LoadProgress:
+    """A progress bar for llama.cpp's model load, shown if the load takes over a second.
+
+    llama-cpp-python points file descriptor 2 at /dev/null while it loads (unless verbose), so
+    the bar writes to a duplicate of the terminal's stderr taken before.
+    """
+
+    def __init__(self, path: str, enabled: bool) -> None:
+        self._label = f"loading {os.path.basename(path)}"
+        self._enabled = enabled
+        self._bar: Any = None
+        self._stream: Optional[TextIO] = None
+
+    def __enter__(self) -> "_LoadProgress":
+        if self._enabled:
+            sys.stderr.flush()
+            self._stream = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+        return self
+
+    def __call__(self, fraction: float) -> None:
+        if self._stream is None:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=100, desc=self._label, unit="%", file=self._stream, delay=1.0,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]")
+        self._bar.update(round(fraction * 100) - self._bar.n)
+
+    def __exit__(self, *_: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._stream is not None:
+            self._stream.close()
+
+
+def _open_model(args: argparse.Namespace) -> "Llama":
+    """powerinfer.Llama for the run / chat / serve options in `args`."""
     from .llama import Llama
 
-    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads, ffn_on_disk=args.ffn_on_disk,
-                verbose=args.verbose)
+    chat_format = getattr(args, "chat_format", None)
+    if chat_format is not None:
+        from llama_cpp import llama_chat_format
+
+        try:  # before loading: a typo should not cost a model load
+            llama_chat_format.get_chat_completion_handler(chat_format)
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+    try:
+        with _LoadProgress(args.model, enabled=not (args.quiet or args.verbose)) as progress:
+            llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads, ffn_on_disk=args.ffn_on_disk,
+                        memory_budget=args.memory_budget, verbose=args.verbose, load_progress=progress,
+                        chat_format=chat_format)
+    except NotImplementedError as exc:
+        if args.memory_budget is None:
+            raise
+        raise NotImplementedError("--memory-budget is not available yet: it arrives with the neuron cache. "
+                                  "Use --ffn-on-disk to keep FFN weights out of memory.") from exc
+    if hasattr(args, "chat_format") and args.chat_format is None and "tokenizer.chat_template" not in llm.metadata:
+        print(f"powerinfer: warning: {os.path.basename(args.model)} has no chat template; chat uses "
+              f"llama-cpp-python's fallback format ({llm.chat_format}). Choose one with --chat-format.",
+              file=sys.stderr)
+    return llm
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    llm = _open_model(args)
     for chunk in llm(args.prompt, max_tokens=args.n_predict, temperature=args.temperature,
                      seed=args.seed, stream=True):
         sys.stdout.write(chunk["choices"][0]["text"])
@@ -188,6 +263,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import chat_loop
+
+    llm = _open_model(args)
+    return chat_loop(llm, sys.stdin, sys.stdout, system=args.system, max_tokens=args.n_predict,
+                     temperature=args.temperature, seed=args.seed)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve  # before loading: a missing server dependency fails at once
+
+    llm = _open_model(args)
+    name = args.alias or os.path.basename(args.model)
+    print(f"powerinfer: serving {name} at http://{args.host}:{args.port}/v1 "
+          f"(metrics at /metrics); Ctrl-C stops", file=sys.stderr)
+    serve(llm, name, host=args.host, port=args.port, model_path=args.model,
+          log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .models import gemma3_270m
 
@@ -195,7 +290,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"model: {path}", file=sys.stderr)
     run_args = argparse.Namespace(model=str(path), prompt=args.prompt, n_predict=args.n_predict,
                                   ctx_size=1024, threads=args.threads, ffn_on_disk=args.ffn_on_disk,
-                                  temperature=0.0, seed=0, verbose=False, stats=False, summary=True)
+                                  memory_budget=None, temperature=0.0, seed=0, verbose=False,
+                                  quiet=False, stats=False, summary=True)
     return _cmd_run(run_args)
 
 
@@ -225,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--modes", default="stock,ram,disk", help="comma list of stock, ram, disk")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("profile", help="measure per-neuron FFN activation frequencies on calibration text")
@@ -269,17 +366,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("run", help="generate text from a prompt (streamed)")
-    p.add_argument("model")
+    p.add_argument("model", help="GGUF model (or a PowerInfer model from `powerinfer convert`)")
     p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", "--n-predict", type=int, default=128)
-    p.add_argument("-c", "--ctx-size", type=int, default=2048)
-    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=-1)
-    p.add_argument("--ffn-on-disk", action="store_true", help="keep FFN weights on disk")
     p.add_argument("--stats", action="store_true", help="print backend counters at the end")
-    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    _add_model_options(p)
     p.set_defaults(func=_cmd_run, summary=False)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (its GGUF chat template)",
+                       description="Interactive chat: one message per line on stdin, replies streamed. "
+                                   "/reset clears the conversation; /exit, end of input or Ctrl-C ends it.")
+    p.add_argument("model", help="GGUF model (or a PowerInfer model from `powerinfer convert`)")
+    p.add_argument("--system", default=None, help="system message")
+    _add_chat_format_option(p)
+    p.add_argument("-n", "--n-predict", type=int, default=None,
+                   help="maximum tokens per reply (default: until the model stops or the context is full)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=-1)
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
+                       description="Serve one model over the OpenAI API: /v1/completions, /v1/chat/completions "
+                                   "(streaming with stream=true), /v1/models, /health, and Prometheus "
+                                   "metrics at /metrics. Requests are answered one at a time, in order.")
+    p.add_argument("model", help="GGUF model (or a PowerInfer model from `powerinfer convert`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--alias", default=None, help="model id for clients (default: the file name)")
+    _add_chat_format_option(p)
+    _add_model_options(p, ctx_size=4096)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="generate text with Gemma 3 270M through the PowerInfer backend")
     p.add_argument("-p", "--prompt", default="The three most useful things to know about the Python language are")
@@ -288,6 +407,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn-on-disk", action="store_true")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_chat_format_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-format", default=None, metavar="NAME",
+                   help="a llama-cpp-python chat format (chatml, gemma, llama-3, ...) instead of the "
+                        "chat template stored in the model file")
+
+
+def _add_model_options(p: argparse.ArgumentParser, ctx_size: int = 2048) -> None:
+    """Options shared by the commands that load a model for generation."""
+    p.add_argument("-c", "--ctx-size", type=int, default=ctx_size, help=f"context length (default {ctx_size})")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
+    p.add_argument("--ffn-on-disk", action="store_true",
+                   help="keep FFN weights in the model file and read them when used")
+    p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="memory for the neuron cache, e.g. 4GiB (not available yet: arrives with the cache)")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -107,11 +107,14 @@ class Llama(llama_cpp.Llama):
       llama.cpp would (default, as stock); applies to the FFN in RAM mode too.
     * ``eval_callback``: ``(address, user_data)`` of a C ``ggml_backend_sched_eval_callback``
       installed as llama.cpp's ``cb_eval`` (used by the profiler).
+    * ``load_progress``: called with the fraction loaded (0..1) as llama.cpp loads the weights
+      (the command line's progress bar).
     """
 
     def __init__(self, model_path: str, *, ffn_on_disk: bool = False,
                  memory_budget: Optional[int | str] = None, use_extra_bufts: bool = True,
-                 eval_callback: Optional[tuple[int, int]] = None, **kwargs: Any) -> None:
+                 eval_callback: Optional[tuple[int, int]] = None,
+                 load_progress: Optional[Callable[[float], None]] = None, **kwargs: Any) -> None:
         if memory_budget is not None:
             raise NotImplementedError(
                 "memory_budget is not yet supported: it arrives with the neuron cache. "
@@ -134,6 +137,14 @@ class Llama(llama_cpp.Llama):
         self._pi_overrides[1].pattern = None
         self._pi_overrides[1].buft = None
 
+        def report_progress(fraction: float, _: ctypes.c_void_p) -> bool:
+            if load_progress is not None:
+                load_progress(fraction)
+            return True  # false would abort the load
+
+        # kept referenced until the load is over: llama.cpp calls it from C
+        progress_callback = llama_cpp.llama_progress_callback(report_progress)
+
         def route_ffn(params: llama_cpp.llama_model_params) -> None:
             params.tensor_buft_overrides = ctypes.cast(self._pi_overrides, ctypes.c_void_p)
             params.use_extra_bufts = use_extra_bufts
@@ -141,6 +152,8 @@ class Llama(llama_cpp.Llama):
                 # the FFN regions of the GGUF are holes the loader still reads: direct I/O
                 # reads them as zeros without filling the page cache
                 params.load_mode = llama_cpp.LLAMA_LOAD_MODE_DIRECT_IO
+            if load_progress is not None:
+                params.progress_callback = progress_callback
 
         # The FFN is copied into the backend (RAM) or not held at all (disk); with mmap,
         # llama.cpp maps and prefaults the whole file, which would keep the FFN resident a
