@@ -154,8 +154,8 @@ static void on_gate(pi_profiler * p, int il, pi_layer_profile & L, const float *
         const float * g = gate + t*n_ff;
         const float * u = have_up ? L.pending_up.data() + t*n_ff : nullptr;
         for (int64_t i = 0; i < n_ff; i++) {
-            active[i] = g[i] > 0.0f;
-            if (g[i] > 0.0f) {
+            active[i] = g[i] > 0.0f; // ReLU's active set, unless the layer is thresholded
+            if (active[i]) {
                 L.gate_positive[i]++;
                 if (u != nullptr && u[i] > 0.0f) {
                     L.both_positive[i]++;

@@ -166,6 +166,8 @@ def test_cli_profile_then_convert(synthetic_models: dict[str, Path], tmp_path: P
     assert proc.returncode == 0, proc.stderr
     assert "|f(gate)| threshold" in proc.stdout
     assert ModelProfile.load(prof).target_sparsity == pytest.approx(0.6)
+    proc = _cli("convert", src, str(tmp_path / "o.gguf"), "--profile", str(prof), "--no-predictors", "--quiet")
+    assert proc.returncode == 1 and "without --target-sparsity" in proc.stderr  # relu needs gate > 0 counts
     proc = _cli("convert", src, str(tmp_path / "o.gguf"), "--activation", "silu_threshold", "--target-sparsity",
                 "0.6", "--profile", str(prof), "--no-predictors", "--tokens", "1024", "-t", str(THREADS), "--quiet")
     assert proc.returncode == 0, proc.stderr

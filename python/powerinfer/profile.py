@@ -25,12 +25,14 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from . import _core
+from .format import THRESHOLDED
 from .llama import Llama
 
 HIST_MIN_EXP = -40  # bin b holds |a| in [2^(b-40), 2^(b-39)); matches the native profiler
 
 
-_EMPTY = np.zeros(0, dtype=np.uint64)
+def _none() -> np.ndarray:
+    return np.zeros(0, dtype=np.uint64)
 
 
 @dataclasses.dataclass
@@ -42,8 +44,8 @@ class LayerProfile:
     hist: np.ndarray
     samples_x: np.ndarray       # (samples, n_embd) float16
     samples_active: np.ndarray  # (samples, n_ff) bool
-    fhist: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY)  # |f(gate)| counts, fhist_edges bins
-    above: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY)  # per neuron, thresholded layers
+    fhist: np.ndarray = dataclasses.field(default_factory=_none)  # |f(gate)| counts, bins of _core.fhist_edges
+    above: np.ndarray = dataclasses.field(default_factory=_none)  # per neuron: |f(gate)| > threshold
     threshold: float = float("nan")  # |f(gate)| threshold of the active set (NaN: gate > 0)
 
     @property
@@ -69,7 +71,7 @@ class LayerProfile:
         """Fraction of (token, neuron) pairs inactive under `activation` (powerinfer.format
         ACTIVATIONS); NaN when this profile cannot tell (fatrelu; a thresholded activation on a
         layer profiled without threshold)."""
-        if activation in ("silu_threshold", "gelu_threshold"):
+        if activation in THRESHOLDED:
             active = self.above if self.thresholded else None
         else:
             active = {"relu": self.gate_positive, "relu2": self.gate_positive, "drelu": self.both_positive}.get(activation)
