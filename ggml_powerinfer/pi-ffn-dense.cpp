@@ -2,6 +2,7 @@
 
 #include "pi-bundle.h"
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -70,13 +71,30 @@ static inline float relu(float x) {
     return x > 0.0f ? x : 0.0f;
 }
 
+float pi_gate_activation(const pi_bundle_layer * L, float g) {
+    switch (L->activation) {
+        case PI_ACT_RELU:
+        case PI_ACT_DRELU:   return relu(g);
+        case PI_ACT_RELU2:   return relu(g) * relu(g);
+        case PI_ACT_FATRELU: return g > L->act_threshold ? g : 0.0f;
+        case PI_ACT_SILU_THRESHOLD: {
+            const float a = g / (1.0f + expf(-g));
+            return fabsf(a) > L->act_threshold ? a : 0.0f;
+        }
+        case PI_ACT_GELU_THRESHOLD: { // the tanh approximation, as ggml's GeGLU
+            const float a = 0.5f*g*(1.0f + tanhf(0.7978845608f*g*(1.0f + 0.044715f*g*g)));
+            return fabsf(a) > L->act_threshold ? a : 0.0f;
+        }
+        default:             return 0.0f; // PI_ACT_GRAPH: the graph's GLU runs instead
+    }
+}
+
 void pi_activation_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const pi_bundle_layer * L = (const pi_bundle_layer *) userdata;
     const struct ggml_tensor * gate = dst->src[0];
     const struct ggml_tensor * up   = dst->src[1];
     const int64_t n = dst->ne[0];
     const int64_t rows = ggml_nrows(dst);
-    const float thr = L->act_threshold;
     // split the flat range evenly: a single token still uses every thread
     const int64_t total = n * rows;
     const int64_t per = (total + nth - 1) / nth;
@@ -86,14 +104,8 @@ void pi_activation_op(struct ggml_tensor * dst, int ith, int nth, void * userdat
         const int64_t r = e / n, i = e % n;
         const float g = *(const float *) ((const char *) gate->data + r*gate->nb[1] + i*sizeof(float));
         const float u = *(const float *) ((const char *) up->data   + r*up->nb[1]   + i*sizeof(float));
-        float y;
-        switch (L->activation) {
-            case PI_ACT_RELU:    y = relu(g) * u; break;
-            case PI_ACT_RELU2:   y = relu(g) * relu(g) * u; break;
-            case PI_ACT_DRELU:   y = relu(g) * relu(u); break;
-            case PI_ACT_FATRELU: y = g > thr ? g * u : 0.0f; break;
-            default:             y = 0.0f; break; // PI_ACT_GRAPH never comes here
-        }
+        const float a = pi_gate_activation(L, g);
+        const float y = a == 0.0f ? 0.0f : a * (L->activation == PI_ACT_DRELU ? relu(u) : u);
         *(float *) ((char *) dst->data + r*dst->nb[1] + i*sizeof(float)) = y;
     }
 }

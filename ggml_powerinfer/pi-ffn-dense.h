@@ -10,6 +10,12 @@
 // tile are skipped, so ReLU-family layers only touch their active rows.
 void pi_down_t_op(struct ggml_tensor * dst, int ith, int nth, void * userdata);
 
+struct pi_bundle_layer;
+
+// The activation of a ReLU-family or thresholded SiLU/GELU layer for one neuron's gate value,
+// before the up factor; 0 means the neuron does not fire. dReLU's up factor is relu(up).
+float pi_gate_activation(const struct pi_bundle_layer * L, float g);
+
 // dst = f(gate) * g(up) for the layer's activation. args: src[0] = gate, src[1] = up (f32);
 // userdata = the pi_bundle_layer.
 void pi_activation_op(struct ggml_tensor * dst, int ith, int nth, void * userdata);

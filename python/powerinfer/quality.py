@@ -21,13 +21,18 @@ class Agreement:
     max_abs_diff: float  # largest logit difference
 
 
-def logits(llm: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
+def logits(llm: llama_cpp.Llama, tokens: Sequence[int], *, one_at_a_time: bool = False) -> np.ndarray:
     """Logits after every token of `tokens` (evaluated from an empty context); the model must be
-    created with ``logits_all=True``."""
+    created with ``logits_all=True``. `one_at_a_time` decodes token by token, as generation does
+    (the sparse FFN runs only then), instead of in batches."""
     if len(tokens) > llm.n_ctx():
         raise ValueError(f"{len(tokens)} tokens do not fit the context ({llm.n_ctx()})")
     llm.reset()
-    llm.eval(list(tokens))
+    if one_at_a_time:
+        for tok in tokens:
+            llm.eval([tok])
+    else:
+        llm.eval(list(tokens))
     return np.array(llm.scores[: llm.n_tokens], dtype=np.float64)
 
 
