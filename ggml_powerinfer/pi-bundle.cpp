@@ -177,6 +177,9 @@ bool pi_bundle_index_read(const struct gguf_context * gguf, uint64_t file_size, 
             return false;
         }
         L.act_threshold = thresholds[i];
+        if (pi_activation_is_thresholded(L.activation) && !(L.act_threshold > 0.0f)) {
+            L.activation = PI_ACT_GRAPH; // no threshold: the source model's SiLU/GELU, dense
+        }
         L.gate_row    = ggml_row_size((enum ggml_type) L.gate_type, L.n_embd);
         L.down_row    = ggml_row_size((enum ggml_type) L.down_type, L.n_embd);
         L.gate_half   = pad_to(L.cluster * L.gate_row, PI_IO_ALIGN);

@@ -40,14 +40,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     threads = args.threads or max(1, os.cpu_count() or 1)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = ([m.strip() for m in args.modes.split(",") if m.strip()] if args.modes
+             else list(bench.default_modes(args.model)))
     with tqdm(total=len(modes), unit="config", desc="benchmarking", delay=1.0, disable=args.quiet) as bar:
         def progress(mode: str) -> None:  # called as `mode` starts: the ones before it are done
             bar.update(modes.index(mode) - bar.n)
             bar.set_postfix_str(mode)
 
         rows = bench.run(args.model, modes=modes, threads=threads, n_prompt=args.n_prompt,
-                         n_gen=args.n_gen, reps=args.repetitions, seed=args.seed, progress=progress)
+                         n_gen=args.n_gen, reps=args.repetitions, seed=args.seed, source=args.source,
+                         tg_text=args.tg_text, progress=progress)
         bar.update(len(modes) - bar.n)
     print(bench.format_table(args.model, rows, threads))
     return 0
@@ -319,7 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--modes", default="stock,ram,disk", help="comma list of stock, ram, disk")
+    p.add_argument("--modes", default=None,
+                   help="comma list of stock, ram, disk (GGUF models; default all three) or stock, dense, "
+                        "sparse (PowerInfer models; default all three)")
+    p.add_argument("--source", default=None,
+                   help="for a PowerInfer model: the GGUF it was converted from, which stock runs")
+    p.add_argument("--tg-text", action=argparse.BooleanOptionalAction, default=None,
+                   help="tg decodes the model's greedy continuation of a text prompt instead of random "
+                        "tokens (default for PowerInfer models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)
