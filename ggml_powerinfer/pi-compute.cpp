@@ -1,5 +1,6 @@
 #include "pi-compute.h"
 
+#include "pi-down-batch.h"
 #include "pi-ffn-dense.h"
 #include "pi-ffn-sparse.h"
 #include "pi-log.h"
@@ -42,6 +43,9 @@ struct pi_compute_context {
     int                                            n_sparse = 0;
     std::unordered_map<const struct ggml_tensor *, pi_sparse_layer *> sparse_by_down;
     std::unordered_set<const struct ggml_tensor *> sparse_skipped;
+    // dense down projections of bundled layers in the current split
+    std::vector<std::unique_ptr<pi_down_batch>> down_batches;
+    int                                          n_down = 0;
 };
 
 static uint64_t now_ns() {
@@ -213,7 +217,15 @@ static bool add_bundled_node(pi_compute_context * ctx, struct ggml_tensor * node
         pi_model_slot * slot = pi_slot_of_tensor(node->src[0]);
         slot->counters.ffn_matmuls++;
         slot->counters.ffn_rows_computed += (uint64_t) (L->n_ff*node->src[1]->ne[1]);
-        ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_t_op, node->src[1], pi_ram_host_tensor(node->src[0]), nullptr));
+        if (ctx->n_down == (int) ctx->down_batches.size()) {
+            ctx->down_batches.emplace_back(new pi_down_batch);
+        }
+        pi_down_batch * b = ctx->down_batches[ctx->n_down++].get();
+        struct ggml_tensor * down_t = pi_ram_host_tensor(node->src[0]);
+        pi_down_batch_prepare(b, node->src[1], down_t);
+        // the pack op writes only the batch's scratch; the gemm op writes the output
+        ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_pack_op, node->src[1], down_t, b));
+        ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_gemm_op, node->src[1], down_t, b));
         return true;
     }
     if (node->op == GGML_OP_GLU && node->src[1] != nullptr && node->src[0]->op == GGML_OP_MUL_MAT &&
@@ -339,6 +351,7 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
         ~custom_ctx_guard() { ggml_free(c->custom_ctx); c->custom_ctx = nullptr; }
     } guard{ctx};
     plan_sparse_layers(ctx, cgraph);
+    ctx->n_down = 0;
 
     for (int i = 0; i < n_nodes; i++) {
         struct ggml_tensor * node = ggml_graph_node(cgraph, i);

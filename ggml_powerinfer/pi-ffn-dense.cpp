@@ -4,68 +4,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <vector>
-
-// Output columns per tile and tokens per pass: a 16 x 256 f32 accumulator (16 KiB) stays in L1
-// while every neuron's down_t row segment is dequantized once per pass and added to it.
-static const int64_t TILE_COLS   = 256;
-static const int64_t TILE_TOKENS = 16;
-
-void pi_down_t_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const struct ggml_tensor * act    = dst->src[0];
-    const struct ggml_tensor * down_t = dst->src[1];
-    const int64_t n_ff   = down_t->ne[1];
-    const int64_t n_embd = down_t->ne[0];
-    const int64_t n_tok  = act->ne[1];
-    const struct ggml_type_traits * tt = ggml_get_type_traits(down_t->type);
-    const int64_t blck = tt->blck_size;
-    const int64_t tile = TILE_COLS % blck == 0 ? TILE_COLS : blck;
-    const int64_t n_tiles = (n_embd + tile - 1) / tile;
-
-    static thread_local std::vector<float> row;
-    static thread_local std::vector<float> acc;
-    row.resize(tile);
-    acc.resize(TILE_TOKENS * tile);
-
-    for (int64_t tl = ith; tl < n_tiles; tl += nth) {
-        const int64_t j0 = tl * tile;
-        const int64_t w  = j0 + tile <= n_embd ? tile : n_embd - j0;
-        const size_t  row_off = (size_t) (j0 / blck) * tt->type_size;
-        for (int64_t t0 = 0; t0 < n_tok; t0 += TILE_TOKENS) {
-            const int64_t nt = t0 + TILE_TOKENS <= n_tok ? TILE_TOKENS : n_tok - t0;
-            std::memset(acc.data(), 0, sizeof(float) * nt * tile);
-            for (int64_t i = 0; i < n_ff; i++) {
-                float a[TILE_TOKENS];
-                bool any = false;
-                for (int64_t t = 0; t < nt; t++) {
-                    a[t] = *(const float *) ((const char *) act->data + (t0 + t)*act->nb[1] + i*act->nb[0]);
-                    any |= a[t] != 0.0f;
-                }
-                if (!any) {
-                    continue;
-                }
-                const char * src = (const char *) down_t->data + i*down_t->nb[1] + row_off;
-                if (down_t->type == GGML_TYPE_F32) {
-                    std::memcpy(row.data(), src, sizeof(float) * w);
-                } else {
-                    tt->to_float(src, row.data(), w);
-                }
-                for (int64_t t = 0; t < nt; t++) {
-                    float * __restrict out = acc.data() + t*tile;
-                    const float * __restrict r = row.data();
-                    const float at = a[t];
-                    for (int64_t k = 0; k < w; k++) {
-                        out[k] += at * r[k];
-                    }
-                }
-            }
-            for (int64_t t = 0; t < nt; t++) {
-                std::memcpy((char *) dst->data + (t0 + t)*dst->nb[1] + j0*sizeof(float), acc.data() + t*tile, sizeof(float) * w);
-            }
-        }
-    }
-    (void) userdata;
-}
 
 static inline float relu(float x) {
     return x > 0.0f ? x : 0.0f;
