@@ -33,7 +33,12 @@ struct pi_bundle_predictor {
     uint64_t fc2_offset  = 0; // rank rows of n_ff F16, hot-first neuron order
     uint64_t bias_offset = 0; // n_ff F32
     float    threshold   = 0.0f;
+    float    predicted_fraction = 0.0f; // measured on held-out text at conversion (0: unknown)
 };
+
+// Whether a layer's predictor saves work over computing every gate row: it reads fc1, about
+// half of fc2 (the rows of zero hidden units are skipped) and the candidates' gate rows.
+bool pi_predictor_worth_it(const struct pi_bundle_layer * L);
 
 struct pi_bundle_layer {
     int      layer;        // block index in the model

@@ -299,7 +299,8 @@ static void plan_sparse_layers(pi_compute_context * ctx, struct ggml_cgraph * cg
         pi_sparse_layer * s = ctx->sparse_layers[ctx->n_sparse++].get();
         s->slot   = slot;
         s->L      = L;
-        s->pred   = mode == PI_SPARSE_PREDICTED ? pi_slot_predictor(slot, L) : nullptr;
+        // a predictor that would cost more than it saves is not used: every gate row instead
+        s->pred   = mode == PI_SPARSE_PREDICTED && pi_predictor_worth_it(L) ? pi_slot_predictor(slot, L) : nullptr;
         s->x      = gate->src[1];
         s->gate   = gate_w;
         s->up     = up_w;

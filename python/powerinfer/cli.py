@@ -233,7 +233,7 @@ def _open_model(args: argparse.Namespace) -> "Llama":
         with _LoadProgress(args.model, enabled=not (args.quiet or args.verbose)) as progress:
             llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads, ffn_on_disk=args.ffn_on_disk,
                         memory_budget=args.memory_budget, verbose=args.verbose, load_progress=progress,
-                        chat_format=chat_format)
+                        chat_format=chat_format, sparse=False if args.dense else None)
     except NotImplementedError as exc:
         if args.memory_budget is None:
             raise
@@ -439,6 +439,8 @@ def _add_model_options(p: argparse.ArgumentParser, ctx_size: int = 2048) -> None
                    help="keep FFN weights in the model file and read them when used")
     p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
                    help="memory for the neuron cache, e.g. 4GiB (not available yet: arrives with the cache)")
+    p.add_argument("--dense", action="store_true",
+                   help="converted models: run the FFN dense, as the source model (default: sparse decode)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
