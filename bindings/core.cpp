@@ -2,6 +2,7 @@
 #include "ggml-powerinfer.h"
 #include "gguf_meta.h"
 
+#include "pi-axpy.h"
 #include "pi-matmul.h"
 #include "pi-profile.h"
 #include "pi-threadpool.h"
@@ -60,7 +61,36 @@ public:
         d["ffn_tokens"]        = s.ffn_tokens;
         d["ffn_weight_bytes"]  = pi_model_slot_weight_bytes(checked());
         d["ffn_resident_bytes"] = pi_model_slot_resident_bytes(checked());
+        d["sparse_layer_tokens"] = s.sparse_layer_tokens;
+        d["neurons_total"]     = s.neurons_total;
+        d["neurons_predicted"] = s.neurons_predicted;
+        d["neurons_active"]    = s.neurons_active;
         return d;
+    }
+
+    // "off", "predicted" or "oracle"
+    void set_sparse_mode(const std::string & mode) {
+        enum pi_sparse_mode m;
+        if (mode == "off") {
+            m = PI_SPARSE_OFF;
+        } else if (mode == "predicted") {
+            m = PI_SPARSE_PREDICTED;
+        } else if (mode == "oracle") {
+            m = PI_SPARSE_ORACLE;
+        } else {
+            throw py::value_error("sparse mode must be 'off', 'predicted' or 'oracle', not '" + mode + "'");
+        }
+        if (!pi_model_slot_set_sparse_mode(checked(), m)) {
+            throw py::value_error("sparse modes need a PowerInfer model with its FFN in memory, opened without repacking");
+        }
+    }
+
+    std::string sparse_mode() const {
+        switch (pi_model_slot_sparse_mode(checked())) {
+            case PI_SPARSE_PREDICTED: return "predicted";
+            case PI_SPARSE_ORACLE:    return "oracle";
+            default:                  return "off";
+        }
     }
 
     void reset_stats() { pi_model_slot_reset_stats(checked()); }
@@ -122,6 +152,26 @@ py::array_t<uint8_t> quantize_rows(int type, f32_array rows) {
 }
 
 // Quantized rows back to floats with ggml's to_float.
+// sum_i coefs[i] * row_i with the sparse down projection's kernels: for kernel tests.
+py::array_t<float> axpy_rows(int type, u8_array data, int64_t n_per_row, f32_array coefs) {
+    const ggml_type t = (ggml_type) type;
+    if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0 ||
+        pi_axpy_kernel(t) == nullptr) {
+        throw py::value_error("bad type or row length");
+    }
+    const size_t row_bytes = ggml_row_size(t, n_per_row);
+    if (data.size() != (py::ssize_t) (row_bytes * coefs.size())) {
+        throw py::value_error("data must hold one row per coefficient");
+    }
+    py::array_t<float> out((py::ssize_t) n_per_row);
+    std::fill(out.mutable_data(), out.mutable_data() + n_per_row, 0.0f);
+    const pi_axpy_fn axpy = pi_axpy_kernel(t);
+    for (py::ssize_t r = 0; r < coefs.size(); r++) {
+        axpy(n_per_row, coefs.data()[r], data.data() + r * row_bytes, out.mutable_data());
+    }
+    return out;
+}
+
 py::array_t<float> dequantize_rows(int type, u8_array data, int64_t n_per_row) {
     const ggml_type t = (ggml_type) type;
     if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0) {
@@ -270,6 +320,8 @@ PYBIND11_MODULE(_core, m) {
           "Quantize float rows to a ggml type with ggml's quantizers.");
     m.def("dequantize_rows", &dequantize_rows, py::arg("type"), py::arg("data"), py::arg("n_per_row"),
           "Dequantize rows of a ggml type to floats.");
+    m.def("axpy_rows", &axpy_rows, py::arg("type"), py::arg("data"), py::arg("n_per_row"), py::arg("coefs"),
+          "Sum of coefs[i] * row i, with the sparse FFN's down_t kernels.");
     m.def("row_size", [](int type, int64_t n) { return ggml_row_size((ggml_type) type, n); },
           py::arg("type"), py::arg("n"));
 
@@ -312,5 +364,6 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("direct_io", &ModelSlot::direct_io)
         .def("stats", &ModelSlot::stats)
         .def("reset_stats", &ModelSlot::reset_stats)
+        .def_property("sparse_mode", &ModelSlot::sparse_mode, &ModelSlot::set_sparse_mode)
         .def("close", &ModelSlot::close);
 }

@@ -27,6 +27,17 @@ struct pi_stats {
     uint64_t ffn_graphs;         // graph splits executed
     uint64_t ffn_ns;             // wall time inside graph_compute
     uint64_t ffn_tokens;         // tokens passed through FFN splits (summed over layers)
+    uint64_t sparse_layer_tokens; // of those, (layer, token) pairs computed sparse
+    uint64_t neurons_total;      // neurons of the layers computed sparse (n_ff per layer-token)
+    uint64_t neurons_predicted;  // of those, the candidates whose gate row was computed
+    uint64_t neurons_active;     // of those, the ones whose activation was non-zero
+};
+
+// How the FFN of a PowerInfer model runs (RAM slots). Batches of tokens always run dense.
+enum pi_sparse_mode {
+    PI_SPARSE_OFF       = 0, // dense: the source model's FFN
+    PI_SPARSE_PREDICTED = 1, // single tokens: predictor -> gate rows of candidates -> up/down of firing neurons
+    PI_SPARSE_ORACLE    = 2, // single tokens: every gate row, up/down of the neurons that truly fire
 };
 
 enum pi_residency {
@@ -56,6 +67,11 @@ GGML_BACKEND_API void pi_model_slot_reset_stats(pi_model_slot_t slot);
 GGML_BACKEND_API size_t pi_model_slot_resident_bytes(pi_model_slot_t slot);
 // Bytes of weight tensors assigned to this slot (both modes).
 GGML_BACKEND_API size_t pi_model_slot_weight_bytes(pi_model_slot_t slot);
+// The sparse mode of a PowerInfer model's slot; false (and no change) for other slots, or for a
+// sparse mode when gate and up are repacked (sparse rows need the plain layout: open the slot
+// without `repack`).
+GGML_BACKEND_API bool pi_model_slot_set_sparse_mode(pi_model_slot_t slot, enum pi_sparse_mode mode);
+GGML_BACKEND_API enum pi_sparse_mode pi_model_slot_sparse_mode(pi_model_slot_t slot);
 // Whether the disk reader uses O_DIRECT (false when the file system refuses it).
 GGML_BACKEND_API bool pi_model_slot_direct_io(pi_model_slot_t slot);
 

@@ -45,7 +45,7 @@ static bool read_uint_array(const struct gguf_context * gguf, const char * name,
 
 static bool parse_activation(const char * name, enum pi_activation * act) {
     static const struct { const char * name; enum pi_activation act; } names[] = {
-        { "graph", PI_ACT_GRAPH }, { "silu_threshold", PI_ACT_GRAPH }, { "gelu_threshold", PI_ACT_GRAPH },
+        { "graph", PI_ACT_GRAPH }, { "silu_threshold", PI_ACT_SILU_THRESHOLD }, { "gelu_threshold", PI_ACT_GELU_THRESHOLD },
         { "relu", PI_ACT_RELU }, { "relu2", PI_ACT_RELU2 }, { "drelu", PI_ACT_DRELU }, { "fatrelu", PI_ACT_FATRELU },
     };
     for (const auto & n : names) {
@@ -67,6 +67,54 @@ static uint64_t region_start(const struct gguf_context * gguf) {
         end = e > end ? e : end;
     }
     return pad_to(end, PI_IO_ALIGN);
+}
+
+// The optional predictor table: powerinfer.predictor.{layer,rank,offset,threshold}. Each
+// predictor is fc1, fc2 and bias, each starting on a 4 KiB boundary.
+static bool read_predictors(const struct gguf_context * gguf, uint64_t region, uint64_t file_size,
+                            pi_bundle_index * index, std::string * err) {
+    if (gguf_find_key(gguf, "powerinfer.predictor.layer") < 0) {
+        return true;
+    }
+    int64_t n = -1;
+    std::vector<uint64_t> layer, rank, offset;
+    if (!read_uint_array(gguf, "predictor.layer", &n, &layer, err) ||
+        !read_uint_array(gguf, "predictor.rank", &n, &rank, err) ||
+        !read_uint_array(gguf, "predictor.offset", &n, &offset, err)) {
+        return false;
+    }
+    const int64_t k_thr = gguf_find_key(gguf, "powerinfer.predictor.threshold");
+    if (k_thr < 0 || gguf_get_arr_type(gguf, k_thr) != GGUF_TYPE_FLOAT32 || (int64_t) gguf_get_arr_n(gguf, k_thr) != n) {
+        *err = "missing or malformed key powerinfer.predictor.threshold";
+        return false;
+    }
+    const float * thresholds = (const float *) gguf_get_arr_data(gguf, k_thr);
+    const int64_t k_frac = gguf_find_key(gguf, "powerinfer.predictor.predicted_fraction");
+    const float * fractions = k_frac >= 0 && gguf_get_arr_type(gguf, k_frac) == GGUF_TYPE_FLOAT32 &&
+                              (int64_t) gguf_get_arr_n(gguf, k_frac) == n ? (const float *) gguf_get_arr_data(gguf, k_frac) : nullptr;
+    char what[256];
+    for (int64_t i = 0; i < n; i++) {
+        pi_bundle_layer * L = layer[i] < index->by_block.size() && index->by_block[layer[i]] >= 0
+                                  ? &index->layers[index->by_block[layer[i]]] : nullptr;
+        if (L == nullptr || rank[i] == 0 || rank[i] > 65536 || L->predictor.rank != 0) {
+            snprintf(what, sizeof(what), "predictor table entry %lld is invalid", (long long) i);
+            *err = what;
+            return false;
+        }
+        pi_bundle_predictor & P = L->predictor;
+        P.rank        = (int64_t) rank[i];
+        P.fc1_offset  = region + offset[i];
+        P.fc2_offset  = pad_to(P.fc1_offset + 2 * (uint64_t) (L->n_embd * P.rank), PI_IO_ALIGN);
+        P.bias_offset = pad_to(P.fc2_offset + 2 * (uint64_t) (P.rank * L->n_ff), PI_IO_ALIGN);
+        P.threshold   = thresholds[i];
+        P.predicted_fraction = fractions != nullptr ? fractions[i] : 0.0f;
+        if (P.bias_offset + 4 * (uint64_t) L->n_ff > file_size) {
+            snprintf(what, sizeof(what), "truncated PowerInfer file: the predictor of layer %d ends past its end", L->layer);
+            *err = what;
+            return false;
+        }
+    }
+    return true;
 }
 
 bool pi_bundle_index_read(const struct gguf_context * gguf, uint64_t file_size, pi_bundle_index * index,
@@ -133,6 +181,9 @@ bool pi_bundle_index_read(const struct gguf_context * gguf, uint64_t file_size, 
             return false;
         }
         L.act_threshold = thresholds[i];
+        if (pi_activation_is_thresholded(L.activation) && !(L.act_threshold > 0.0f)) {
+            L.activation = PI_ACT_GRAPH; // no threshold: the source model's SiLU/GELU, dense
+        }
         L.gate_row    = ggml_row_size((enum ggml_type) L.gate_type, L.n_embd);
         L.down_row    = ggml_row_size((enum ggml_type) L.down_type, L.n_embd);
         L.gate_half   = pad_to(L.cluster * L.gate_row, PI_IO_ALIGN);
@@ -155,7 +206,7 @@ bool pi_bundle_index_read(const struct gguf_context * gguf, uint64_t file_size, 
         index->by_block[L.layer] = (int) index->layers.size();
         index->layers.push_back(L);
     }
-    return true;
+    return read_predictors(gguf, region, file_size, index, err);
 }
 
 int64_t pi_bundle_n_clusters(const pi_bundle_layer * L) {
@@ -168,6 +219,35 @@ uint64_t pi_bundle_gate_half_offset(const pi_bundle_layer * L, int64_t c) {
 
 uint64_t pi_bundle_updown_half_offset(const pi_bundle_layer * L, int64_t c) {
     return pi_bundle_gate_half_offset(L, c) + L->gate_half;
+}
+
+bool pi_predictor_worth_it(const pi_bundle_layer * L) {
+    const pi_bundle_predictor & P = L->predictor;
+    const double predictor_bytes = 2.0 * L->n_embd * P.rank + 0.5 * 2.0 * P.rank * L->n_ff + 4.0 * L->n_ff;
+    const double gate_bytes = (double) L->gate_row * L->n_ff;
+    return P.rank > 0 && predictor_bytes + P.predicted_fraction * gate_bytes < gate_bytes;
+}
+
+bool pi_bundle_read_predictor(pi_file * file, const pi_bundle_layer * L, uint16_t * fc1, uint16_t * fc2, float * bias,
+                              std::string * err) {
+    const pi_bundle_predictor & P = L->predictor;
+    const struct { uint64_t offset; size_t size; void * dst; } parts[3] = {
+        { P.fc1_offset,  2 * (size_t) (L->n_embd * P.rank), fc1 },
+        { P.fc2_offset,  2 * (size_t) (P.rank * L->n_ff),   fc2 },
+        { P.bias_offset, 4 * (size_t) L->n_ff,              bias },
+    };
+    pi_aligned_buf buf;
+    bool ok = true;
+    for (const auto & part : parts) {
+        const void * data = pi_file_read(file, part.offset, part.size, &buf, err);
+        if (data == nullptr) {
+            ok = false;
+            break;
+        }
+        memcpy(part.dst, data, part.size);
+    }
+    pi_aligned_buf_free(&buf);
+    return ok;
 }
 
 bool pi_bundle_read_layer(pi_file * file, const pi_bundle_layer * L, void * gate, void * up, void * down_t,

@@ -16,7 +16,29 @@ enum pi_activation {
     PI_ACT_RELU2   = 2, // relu(gate)^2 * up
     PI_ACT_DRELU   = 3, // relu(gate) * relu(up)
     PI_ACT_FATRELU = 4, // gate > threshold ? gate : 0, times up
+    PI_ACT_SILU_THRESHOLD = 5, // CATS: |silu(gate)| > threshold ? silu(gate) * up : 0
+    PI_ACT_GELU_THRESHOLD = 6, // the same with gelu (Gemma's GeGLU)
 };
+
+// Thresholded SiLU/GELU layers are the source model when run dense: the graph's own GLU.
+static inline bool pi_activation_is_thresholded(enum pi_activation act) {
+    return act == PI_ACT_SILU_THRESHOLD || act == PI_ACT_GELU_THRESHOLD;
+}
+
+// A layer's predictor in the file: score = fc2 . relu(fc1 . x) + bias, neuron i is a candidate
+// when score_i >= threshold. rank 0: the layer has none.
+struct pi_bundle_predictor {
+    int64_t  rank = 0;
+    uint64_t fc1_offset  = 0; // absolute: n_embd rows of rank F16
+    uint64_t fc2_offset  = 0; // rank rows of n_ff F16, hot-first neuron order
+    uint64_t bias_offset = 0; // n_ff F32
+    float    threshold   = 0.0f;
+    float    predicted_fraction = 0.0f; // measured on held-out text at conversion (0: unknown)
+};
+
+// Whether a layer's predictor saves work over computing every gate row: it reads fc1, about
+// half of fc2 (the rows of zero hidden units are skipped) and the candidates' gate rows.
+bool pi_predictor_worth_it(const struct pi_bundle_layer * L);
 
 struct pi_bundle_layer {
     int      layer;        // block index in the model
@@ -31,7 +53,8 @@ struct pi_bundle_layer {
     size_t   gate_half;    // bytes of a cluster's gate half, padded to 4 KiB
     size_t   updown_half;  // bytes of a cluster's up/down half, padded to 4 KiB
     enum pi_activation activation;
-    float    act_threshold; // FATReLU threshold (0 otherwise)
+    float    act_threshold; // FATReLU / SiLU / GELU threshold (0 otherwise)
+    pi_bundle_predictor predictor;
 };
 
 struct pi_bundle_index {
@@ -54,6 +77,10 @@ int64_t pi_bundle_n_clusters(const pi_bundle_layer * L);
 // absolute file offsets of cluster c's halves
 uint64_t pi_bundle_gate_half_offset(const pi_bundle_layer * L, int64_t c);
 uint64_t pi_bundle_updown_half_offset(const pi_bundle_layer * L, int64_t c);
+
+// Reads a layer's predictor: fc1 (n_embd x rank) and fc2 (rank x n_ff) as F16, bias as F32.
+bool pi_bundle_read_predictor(pi_file * file, const pi_bundle_layer * L, uint16_t * fc1, uint16_t * fc2, float * bias,
+                              std::string * err);
 
 // Reads a whole layer and scatters it into contiguous hot-first matrices: gate and up
 // (n_ff rows of gate_row bytes) and down_t (n_ff rows of down_row bytes).

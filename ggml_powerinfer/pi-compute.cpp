@@ -1,6 +1,8 @@
 #include "pi-compute.h"
 
+#include "pi-down-batch.h"
 #include "pi-ffn-dense.h"
+#include "pi-ffn-sparse.h"
 #include "pi-log.h"
 #include "pi-matmul.h"
 #include "pi-slot.h"
@@ -11,8 +13,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 // Dense FFN in RAM is what stock llama.cpp computes, so it runs ggml's CPU kernels on the
@@ -33,6 +38,14 @@ struct pi_compute_context {
     struct ggml_threadpool * cpu_pool = nullptr; // ggml's bookkeeping for those runs
     std::vector<char> custom_mem;   // custom-op nodes (bundled layers) of the current split
     struct ggml_context * custom_ctx = nullptr;
+    // single tokens of sparse layers: their state, the down node each replaces, the nodes they skip
+    std::vector<std::unique_ptr<pi_sparse_layer>> sparse_layers;
+    int                                            n_sparse = 0;
+    std::unordered_map<const struct ggml_tensor *, pi_sparse_layer *> sparse_by_down;
+    std::unordered_set<const struct ggml_tensor *> sparse_skipped;
+    // dense down projections of bundled layers in the current split
+    std::vector<std::unique_ptr<pi_down_batch>> down_batches;
+    int                                          n_down = 0;
 };
 
 static uint64_t now_ns() {
@@ -204,14 +217,27 @@ static bool add_bundled_node(pi_compute_context * ctx, struct ggml_tensor * node
         pi_model_slot * slot = pi_slot_of_tensor(node->src[0]);
         slot->counters.ffn_matmuls++;
         slot->counters.ffn_rows_computed += (uint64_t) (L->n_ff*node->src[1]->ne[1]);
-        ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_t_op, node->src[1], pi_ram_host_tensor(node->src[0]), nullptr));
+        if (ctx->n_down == (int) ctx->down_batches.size()) {
+            ctx->down_batches.emplace_back(new pi_down_batch);
+        }
+        pi_down_batch * b = ctx->down_batches[ctx->n_down++].get();
+        struct ggml_tensor * down_t = pi_ram_host_tensor(node->src[0]);
+        pi_down_batch_prepare(b, node->src[1], down_t);
+        // the pack op writes only the batch's scratch; the gemm op writes the output
+        ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_pack_op, node->src[1], down_t, b));
+        ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_gemm_op, node->src[1], down_t, b));
         return true;
     }
     if (node->op == GGML_OP_GLU && node->src[1] != nullptr && node->src[0]->op == GGML_OP_MUL_MAT &&
         node->src[1]->op == GGML_OP_MUL_MAT) {
         int w0 = -1, w1 = -1;
         const pi_bundle_layer * L = pi_bundle_layer_of(node->src[0]->src[0], &w0);
-        if (L == nullptr || L->activation == PI_ACT_GRAPH || pi_bundle_layer_of(node->src[1]->src[0], &w1) != L) {
+        if (L == nullptr || pi_bundle_layer_of(node->src[1]->src[0], &w1) != L) {
+            return false;
+        }
+        // thresholded SiLU/GELU layers are the source model in dense mode: the graph's GLU
+        const bool sparse = pi_slot_of_tensor(node->src[0]->src[0])->sparse_mode.load() != PI_SPARSE_OFF;
+        if (L->activation == PI_ACT_GRAPH || (pi_activation_is_thresholded(L->activation) && !sparse)) {
             return false;
         }
         struct ggml_tensor * gate = w0 == 0 ? node->src[0] : node->src[1];
@@ -220,6 +246,90 @@ static bool add_bundled_node(pi_compute_context * ctx, struct ggml_tensor * node
         return true;
     }
     return false;
+}
+
+// The gate or up matmul feeding a GLU, by which weight it multiplies.
+static struct ggml_tensor * glu_operand(struct ggml_tensor * glu, int which) {
+    for (int k = 0; k < 2; k++) {
+        int w = -1;
+        struct ggml_tensor * mm = glu->src[k];
+        if (mm != nullptr && mm->op == GGML_OP_MUL_MAT && pi_bundle_layer_of(mm->src[0], &w) != nullptr && w == which) {
+            return mm;
+        }
+    }
+    return nullptr;
+}
+
+// Finds the layers of this graph that run sparse: a single token, the slot in a sparse mode,
+// and the whole FFN (gate and up matmuls, GLU, down matmul) in the graph. Their down node is
+// replaced by the sparse ops and the other three are not computed.
+static void plan_sparse_layers(pi_compute_context * ctx, struct ggml_cgraph * cgraph) {
+    ctx->n_sparse = 0;
+    ctx->sparse_by_down.clear();
+    ctx->sparse_skipped.clear();
+    for (int i = 0; i < ggml_graph_n_nodes(cgraph); i++) {
+        struct ggml_tensor * down = ggml_graph_node(cgraph, i);
+        int which = -1;
+        const pi_bundle_layer * L = down->op == GGML_OP_MUL_MAT ? pi_bundle_layer_of(down->src[0], &which) : nullptr;
+        if (L == nullptr || which != 2 || ggml_nrows(down->src[1]) != 1) {
+            continue;
+        }
+        pi_model_slot * slot = pi_slot_of_tensor(down->src[0]);
+        const int mode = slot->sparse_mode.load();
+        struct ggml_tensor * glu = down->src[1];
+        if (mode == PI_SPARSE_OFF || glu->op != GGML_OP_GLU) {
+            continue;
+        }
+        struct ggml_tensor * gate = glu_operand(glu, 0);
+        struct ggml_tensor * up   = glu_operand(glu, 1);
+        if (gate == nullptr || up == nullptr || gate->src[1] != up->src[1] || ggml_nrows(gate->src[1]) != 1 ||
+            gate->src[1]->type != GGML_TYPE_F32 || !ggml_is_contiguous(gate->src[1]) ||
+            pi_bundle_layer_of(gate->src[0], &which) != L || pi_bundle_layer_of(up->src[0], &which) != L) {
+            continue;
+        }
+        const struct ggml_tensor * gate_w = pi_ram_host_tensor(gate->src[0]);
+        const struct ggml_tensor * up_w   = pi_ram_host_tensor(up->src[0]);
+        const struct ggml_tensor * down_t = pi_ram_host_tensor(down->src[0]);
+        if (!pi_sparse_supported(L, gate_w, up_w, down_t)) {
+            continue;
+        }
+        if (ctx->n_sparse == (int) ctx->sparse_layers.size()) {
+            ctx->sparse_layers.emplace_back(new pi_sparse_layer);
+        }
+        pi_sparse_layer * s = ctx->sparse_layers[ctx->n_sparse++].get();
+        s->slot   = slot;
+        s->L      = L;
+        // a predictor that would cost more than it saves is not used: every gate row instead
+        s->pred   = mode == PI_SPARSE_PREDICTED && pi_predictor_worth_it(L) ? pi_slot_predictor(slot, L) : nullptr;
+        s->x      = gate->src[1];
+        s->gate   = gate_w;
+        s->up     = up_w;
+        s->down_t = down_t;
+        pi_sparse_layer_prepare(s);
+        ctx->sparse_by_down[down] = s;
+        ctx->sparse_skipped.insert(gate);
+        ctx->sparse_skipped.insert(up);
+        ctx->sparse_skipped.insert(glu);
+    }
+}
+
+// Replaces a sparse layer's down node by the three sparse ops.
+static void add_sparse_nodes(pi_compute_context * ctx, struct ggml_tensor * down, pi_sparse_layer * s) {
+    // ops 1 and 2 only fill the layer's scratch: one-element placeholders as their outputs
+    struct ggml_tensor * args[1] = { (struct ggml_tensor *) s->x };
+    static float sink[2];
+    struct ggml_tensor * prep = ggml_custom_4d(ctx->custom_ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 1,
+                                               pi_sparse_prepare_op, GGML_N_TASKS_MAX, s);
+    prep->data   = &sink[0];
+    prep->flags |= GGML_TENSOR_FLAG_COMPUTE;
+    args[0] = prep;
+    struct ggml_tensor * neurons = ggml_custom_4d(ctx->custom_ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 1,
+                                                  pi_sparse_neurons_op, GGML_N_TASKS_MAX, s);
+    neurons->data   = &sink[1];
+    neurons->flags |= GGML_TENSOR_FLAG_COMPUTE;
+    ctx->cpu_nodes.push_back(prep);
+    ctx->cpu_nodes.push_back(neurons);
+    ctx->cpu_nodes.push_back(custom_node(ctx, down, pi_sparse_down_op, neurons, nullptr, s));
 }
 
 enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph * cgraph) {
@@ -241,10 +351,12 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
         pi_compute_context * c;
         ~custom_ctx_guard() { ggml_free(c->custom_ctx); c->custom_ctx = nullptr; }
     } guard{ctx};
+    plan_sparse_layers(ctx, cgraph);
+    ctx->n_down = 0;
 
     for (int i = 0; i < n_nodes; i++) {
         struct ggml_tensor * node = ggml_graph_node(cgraph, i);
-        if ((node->flags & GGML_TENSOR_FLAG_COMPUTE) == 0) {
+        if ((node->flags & GGML_TENSOR_FLAG_COMPUTE) == 0 || ctx->sparse_skipped.count(node) != 0) {
             continue;
         }
         enum ggml_status status = GGML_STATUS_SUCCESS;
@@ -258,7 +370,9 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
             case GGML_OP_MUL_MAT:
                 slot     = pi_slot_of_tensor(node->src[0]);
                 n_tokens = node->src[1]->ne[1];
-                if (!add_bundled_node(ctx, node)) {
+                if (ctx->sparse_by_down.count(node) != 0) {
+                    add_sparse_nodes(ctx, node, ctx->sparse_by_down[node]);
+                } else if (!add_bundled_node(ctx, node)) {
                     status = compute_mul_mat(ctx, node);
                 }
                 break;
@@ -277,6 +391,17 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
     enum ggml_status status = flush_cpu_nodes(ctx);
     if (status != GGML_STATUS_SUCCESS) {
         return status;
+    }
+    for (int k = 0; k < ctx->n_sparse; k++) {
+        const pi_sparse_layer * s = ctx->sparse_layers[k].get();
+        pi_model_slot * owner = s->slot;
+        const uint64_t predicted = s->n_predicted.load(), active = s->n_active.load();
+        owner->counters.sparse_layer_tokens++;
+        owner->counters.neurons_total     += (uint64_t) s->L->n_ff;
+        owner->counters.neurons_predicted += predicted;
+        owner->counters.neurons_active    += active;
+        owner->counters.ffn_matmuls       += 3;
+        owner->counters.ffn_rows_computed += predicted + 2 * active; // gate rows; up and down_t rows
     }
 
     if (slot != nullptr) {

@@ -150,7 +150,23 @@ static bool load_bundled_layer(pi_model_slot * slot, const std::array<pi_ram_ten
             ggml_backend_tensor_set(&parts[i]->host, staging[i].data(), 0, staging[i].size());
         }
     }
+    if (L->predictor.rank > 0) {
+        pi_predictor_ram & P = slot->predictors[slot->bundles.by_block[L->layer]];
+        P.fc1.resize((size_t) (L->n_embd * L->predictor.rank));
+        P.fc2.resize((size_t) (L->predictor.rank * L->n_ff));
+        P.bias.resize((size_t) L->n_ff);
+        if (!pi_bundle_read_predictor(&slot->file, L, P.fc1.data(), P.fc2.data(), P.bias.data(), &err)) {
+            pi_log_error("cannot read the predictor of layer %d from %s: %s\n", L->layer, slot->path.c_str(), err.c_str());
+            return false;
+        }
+        slot->resident_bytes += 2 * (P.fc1.size() + P.fc2.size()) + 4 * P.bias.size();
+    }
     return true;
+}
+
+const pi_predictor_ram * pi_slot_predictor(const pi_model_slot * slot, const pi_bundle_layer * L) {
+    const int i = L->layer < (int) slot->bundles.by_block.size() ? slot->bundles.by_block[L->layer] : -1;
+    return i >= 0 && i < (int) slot->predictors.size() && !slot->predictors[i].fc1.empty() ? &slot->predictors[i] : nullptr;
 }
 
 // For a FFN weight of a PowerInfer model: its layer in the bundle table, after checking that
@@ -470,6 +486,7 @@ pi_model_slot_t pi_model_slot_new(const char * path, enum pi_residency residency
     if (slot->powerinfer) {
         ok = pi_bundle_index_read(gguf, slot->file.file_size, &slot->bundles, &why);
         why = std::string(path) + ": " + why;
+        slot->predictors.resize(slot->bundles.layers.size());
         if (ok && residency != PI_RESIDENCY_RAM) {
             ok  = false;
             why = "a PowerInfer model cannot yet keep its FFN on disk (that arrives with the neuron cache); "
@@ -522,6 +539,22 @@ void pi_model_slot_get_stats(pi_model_slot_t slot, struct pi_stats * out) {
     out->ffn_graphs        = c.ffn_graphs.load();
     out->ffn_ns            = c.ffn_ns.load();
     out->ffn_tokens        = c.ffn_tokens.load();
+    out->sparse_layer_tokens = c.sparse_layer_tokens.load();
+    out->neurons_total     = c.neurons_total.load();
+    out->neurons_predicted = c.neurons_predicted.load();
+    out->neurons_active    = c.neurons_active.load();
+}
+
+bool pi_model_slot_set_sparse_mode(pi_model_slot_t slot, enum pi_sparse_mode mode) {
+    if (mode != PI_SPARSE_OFF && (!slot->powerinfer || slot->residency != PI_RESIDENCY_RAM || slot->repack)) {
+        return false;
+    }
+    slot->sparse_mode = mode;
+    return true;
+}
+
+enum pi_sparse_mode pi_model_slot_sparse_mode(pi_model_slot_t slot) {
+    return (enum pi_sparse_mode) slot->sparse_mode.load();
 }
 
 void pi_model_slot_reset_stats(pi_model_slot_t slot) {
@@ -533,6 +566,10 @@ void pi_model_slot_reset_stats(pi_model_slot_t slot) {
     c.ffn_graphs = 0;
     c.ffn_ns = 0;
     c.ffn_tokens = 0;
+    c.sparse_layer_tokens = 0;
+    c.neurons_total = 0;
+    c.neurons_predicted = 0;
+    c.neurons_active = 0;
 }
 
 size_t pi_model_slot_resident_bytes(pi_model_slot_t slot) {

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <mutex>
 #include <string>
+#include <vector>
 
 struct pi_counters {
     std::atomic<uint64_t> ffn_bytes_read{0};
@@ -20,6 +21,17 @@ struct pi_counters {
     std::atomic<uint64_t> ffn_graphs{0};
     std::atomic<uint64_t> ffn_ns{0};
     std::atomic<uint64_t> ffn_tokens{0};
+    std::atomic<uint64_t> sparse_layer_tokens{0};
+    std::atomic<uint64_t> neurons_total{0};
+    std::atomic<uint64_t> neurons_predicted{0};
+    std::atomic<uint64_t> neurons_active{0};
+};
+
+// A layer's predictor held in memory (RAM slots of PowerInfer models); empty when it has none.
+struct pi_predictor_ram {
+    std::vector<uint16_t> fc1;  // n_embd x rank, F16
+    std::vector<uint16_t> fc2;  // rank x n_ff, F16
+    std::vector<float>    bias; // n_ff
 };
 
 struct pi_model_slot {
@@ -29,6 +41,8 @@ struct pi_model_slot {
     pi_file       file; // the model file and its tensor index
     bool          powerinfer = false; // a PowerInfer model: the FFN lives in neuron bundles
     pi_bundle_index bundles;
+    std::vector<pi_predictor_ram> predictors; // by position in bundles.layers
+    std::atomic<int> sparse_mode{PI_SPARSE_OFF};
     std::string   buft_name;
     struct ggml_backend_buffer_type buft;
 
@@ -49,6 +63,9 @@ const pi_tensor_loc * pi_disk_tensor_loc(const struct ggml_tensor * t);
 // or down (2) it is; nullptr for other weights. A bundled down weight's host tensor holds
 // down_t (n_ff rows of n_embd), not ffn_down's layout.
 const pi_bundle_layer * pi_bundle_layer_of(const struct ggml_tensor * t, int * which);
+
+// The in-memory predictor of a bundled layer, or nullptr if it has none.
+const pi_predictor_ram * pi_slot_predictor(const pi_model_slot * slot, const pi_bundle_layer * L);
 
 // The host tensor holding a RAM-resident weight: in a CPU buffer, or a CPU_REPACK buffer whose
 // interleaved layout only ggml's CPU kernels read.

@@ -42,18 +42,11 @@ def test_predictor_beats_the_static_hot_set_on_held_out_text(synthetic_models: d
     assert q.predicted_fraction < 0.8 * k / train.n_ff
 
 
-def test_predictors_are_stored_with_their_held_out_quality(synthetic_models: dict[str, Path], tmp_path: Path) -> None:
-    from powerinfer import format as fmt
-    from powerinfer.predictor import evaluate, train_layer_predictors
+def test_predictors_are_stored_with_their_held_out_quality(with_predictors: tuple) -> None:
+    from powerinfer.predictor import evaluate
 
-    path = synthetic_models["q8_0"]
-    train = profile_model(path, calibration_texts(part="train"), max_tokens=4096, threads=THREADS, max_samples=4096)
-    val = profile_model(path, calibration_texts(part="validation"), max_tokens=512, threads=THREADS, max_samples=512)
-    held = profile_model(path, calibration_texts(part="held_out"), max_tokens=512, threads=THREADS, max_samples=512)
-    ffn_bytes = {il: 3 * 2048 * 544 for il in range(4)}  # Q8_0 rows of 512: 544 bytes
-    predictors = train_layer_predictors(train.layers, val.layers, held.layers, ffn_bytes)
-    assert sorted(predictors) == [0, 1, 2, 3]
-    pf = fmt.convert(path, tmp_path / "m.gguf", train.frequencies(), predictors=predictors)
+    pf, held, ffn_bytes = with_predictors
+    assert sorted(pf.predictors) == [0, 1, 2, 3]
     for i, L in enumerate(pf.layers):
         stored = pf.predictor(i)
         assert stored.nbytes_f16() <= 0.10 * ffn_bytes[L.layer] + 4 * L.n_ff

@@ -20,6 +20,7 @@ from powerinfer.calibration import calibration_texts
 from powerinfer.predictor import evaluate, train_predictor
 from powerinfer.profile import (ModelProfile, calibrate_thresholds, fraction_at_or_below, profile_model,
                                 quantile_of_histogram)
+from powerinfer.quality import SparseCost
 
 
 @given(sigma=st.floats(0.3, 4.0), mu=st.floats(-20.0, 5.0), n=st.integers(2000, 20000),
@@ -176,30 +177,57 @@ def test_cli_profile_then_convert(synthetic_models: dict[str, Path], tmp_path: P
     assert all(abs(s - 0.6) < 0.06 for s in pf.activation_sparsity)
 
 
-def test_emulated_sparse_decode(synthetic_models: dict[str, Path], silu_profiles: dict[str, ModelProfile],
-                                tmp_path: Path) -> None:
-    """Zeroing thresholded-out activations through the observer: at threshold 0 nothing changes
-    (bit for bit); past the model's planted ReLU sparsity (90%) the logits move. (At 50% they do
-    not: this model's |silu(gate)| median is ~1e-29.)"""
+@pytest.fixture(scope="module")
+def deep_silu(synthetic_models: dict[str, Path], silu_profiles: dict[str, ModelProfile],
+              tmp_path_factory: pytest.TempPathFactory) -> fmt.PowerInferFile:
+    """The F16 model as silu_threshold at 97%: past its planted ReLU sparsity (90%), so the
+    thresholds cut real activations. (At 50% they would not: its |silu(gate)| median is ~1e-29.)"""
+    train = silu_profiles["train"]
+    deep = {il: layer.calibrate_threshold(0.97) for il, layer in enumerate(silu_profiles["calibration"].layers)}
+    out = tmp_path_factory.mktemp("deep") / "deep.gguf"
+    return fmt.convert(synthetic_models["f16"], out, train.frequencies(), activation="silu_threshold", thresholds=deep)
+
+
+def _cost(path: str, mode: str, source: Path) -> SparseCost:
     from powerinfer.quality import open_dense_and_sparse, sparse_cost
 
-    src, train = synthetic_models["f16"], silu_profiles["train"]
-    deep = {il: layer.calibrate_threshold(0.97) for il, layer in enumerate(silu_profiles["calibration"].layers)}
-    costs = {}
-    for name, thresholds in (("zero", {il: 0.0 for il in range(4)}), ("deep", deep)):
-        pf = fmt.convert(src, tmp_path / f"{name}.gguf", train.frequencies(), activation="silu_threshold",
-                         thresholds=thresholds)
-        dense, sparse = open_dense_and_sparse(pf.path, emulate=True, n_ctx=128, n_threads=THREADS)
-        costs[name] = sparse_cost(dense, sparse, calibration_texts(part="held_out"), max_tokens=256, window=128)
+    dense, sparse = open_dense_and_sparse(path, mode, source=str(source), n_ctx=128, n_threads=THREADS)
+    try:
+        return sparse_cost(dense, sparse, calibration_texts(part="held_out"), max_tokens=256, window=128,
+                           decode=mode != "emulate")
+    finally:
         dense.close()
         sparse.close()
-    assert costs["zero"].kl_max == 0.0 and costs["zero"].top1 == 1.0
-    assert costs["zero"].perplexity_sparse == costs["zero"].perplexity_dense
-    assert costs["deep"].kl_mean > 0.0 and costs["deep"].top1 < 1.0
-    assert costs["deep"].tokens == costs["zero"].tokens > 200
+
+
+def test_emulated_thresholds(synthetic_models: dict[str, Path], silu_profiles: dict[str, ModelProfile],
+                             deep_silu: fmt.PowerInferFile, tmp_path: Path) -> None:
+    """Zeroing thresholded-out activations through the observer: at threshold 0 nothing changes
+    (bit for bit); at 97% the logits move."""
+    from powerinfer.quality import open_dense_and_sparse
+
+    zero = fmt.convert(synthetic_models["f16"], tmp_path / "zero.gguf", silu_profiles["train"].frequencies(),
+                       activation="silu_threshold", thresholds={il: 0.0 for il in range(4)})
+    src = synthetic_models["f16"]
+    unchanged, deep = _cost(zero.path, "emulate", src), _cost(deep_silu.path, "emulate", src)
+    assert unchanged.kl_max == 0.0 and unchanged.top1 == 1.0
+    assert unchanged.perplexity_sparse == unchanged.perplexity_dense
+    assert deep.kl_mean > 0.0 and deep.top1 < 1.0 and deep.tokens == unchanged.tokens > 200
+    relu = fmt.convert(synthetic_models["f16"], tmp_path / "relu.gguf", silu_profiles["train"].frequencies())
     with pytest.raises(ValueError, match="no thresholded"):
-        relu = fmt.convert(src, tmp_path / "relu.gguf", train.frequencies())
-        open_dense_and_sparse(relu.path, emulate=True, n_ctx=128)
+        open_dense_and_sparse(relu.path, "emulate", source=str(src), n_ctx=128)
+    with pytest.raises(fmt.FormatError, match="not the model"):
+        open_dense_and_sparse(deep_silu.path, "emulate", source=str(synthetic_models["q8_0"]), n_ctx=128)
+
+
+def test_sparse_engine_applies_the_thresholds(deep_silu: fmt.PowerInferFile, synthetic_models: dict[str, Path]) -> None:
+    """The sparse engine's oracle decode (every gate row, |silu(g)| > t) costs what the
+    emulation measures: two implementations of the same thresholded activation."""
+    src = synthetic_models["f16"]
+    emulated, oracle = _cost(deep_silu.path, "emulate", src), _cost(deep_silu.path, "oracle", src)
+    assert oracle.kl_mean > 0.0 and oracle.tokens == emulated.tokens
+    assert abs(math.log(oracle.perplexity_sparse / emulated.perplexity_sparse)) < 0.02
+    assert abs(oracle.top1 - emulated.top1) < 0.03
 
 
 def test_gemma_calibration(gemma_path: Path) -> None:

@@ -4,6 +4,12 @@ Every configuration runs in a fresh subprocess, one after the other, so that eac
 peak RSS and none inherits another's allocations. Like llama-bench, the tokens are random:
 prompt processing (pp) decodes n_prompt tokens as one batch on an empty cache, text generation
 (tg) decodes n_gen tokens one at a time, both after a warm-up.
+
+For a PowerInfer model the modes are `dense` (its FFN dense, as the source model) and `sparse`
+(predictor-gated decode); `stock` then runs the source GGUF (`source=`). Random tokens are not
+what a sparse model sees when it generates, so `tg` there decodes the model's own greedy
+continuation of a text prompt (`--tg-text`, the default for PowerInfer models; every mode of
+the run does the same).
 """
 from __future__ import annotations
 
@@ -17,13 +23,18 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-MODES = ("stock", "ram", "disk")
+MODES = ("stock", "ram", "disk", "dense", "sparse")
 
 MODE_LABELS = {
     "stock": "llama-cpp-python",
     "ram": "powerinfer (RAM)",
     "disk": "powerinfer (disk)",
+    "dense": "powerinfer (dense)",
+    "sparse": "powerinfer (sparse)",
 }
+
+# the prompt of text-generation runs: ordinary prose the calibration text resembles
+TG_PROMPT = "Return a new list containing all items from the iterable in ascending order. The"
 
 
 @dataclasses.dataclass
@@ -32,6 +43,7 @@ class BenchRow:
     test: str
     tokens_per_second: list[float]
     peak_rss_bytes: int
+    stats: dict[str, Any] | None = None
 
     @property
     def mean(self) -> float:
@@ -49,6 +61,8 @@ def _open(mode: str, model: str, threads: int, n_ctx: int, n_batch: int) -> Any:
         import llama_cpp
         return llama_cpp.Llama(model, **kwargs)
     import powerinfer
+    if mode in ("dense", "sparse"):
+        return powerinfer.Llama(model, sparse=(mode == "sparse"), **kwargs)
     return powerinfer.Llama(model, ffn_on_disk=(mode == "disk"), **kwargs)
 
 
@@ -59,16 +73,34 @@ def _decode(llm: Any, tokens: Sequence[int], n_past: int) -> None:
         llm._ctx.decode(llm._batch)
 
 
-def _worker(mode: str, model: str, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int) -> dict[str, Any]:
+def _worker(mode: str, model: str, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int,
+            tg_text: bool = False) -> dict[str, Any]:
     import numpy as np
 
-    n_ctx = max(n_prompt, n_gen) + 16
+    n_ctx = max(n_prompt, n_gen + 64) + 16
     llm = _open(mode, model, threads, n_ctx, n_batch=max(1, min(512, n_prompt)))
     rng = np.random.default_rng(seed)
     n_vocab = llm.n_vocab()
     # skip the first ids: they are usually special tokens
     def tokens(n: int) -> list[int]:
         return [int(t) for t in rng.integers(min(300, n_vocab - 1), n_vocab, size=n)]
+
+    def generated(n: int) -> list[float]:
+        """Speed of greedy decoding of n tokens after the text prompt (prompt not timed)."""
+        prompt = llm.tokenize(TG_PROMPT.encode())
+        out = []
+        for _ in range(reps):
+            llm._ctx.kv_cache_clear()
+            _decode(llm, prompt, 0)
+            tok, elapsed = None, 0.0
+            for i in range(n):
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                tok = int(logits.argmax())
+                t0 = time.perf_counter()
+                _decode(llm, [tok], len(prompt) + i)
+                elapsed += time.perf_counter() - t0
+            out.append(n / elapsed)
+        return out
 
     def speeds(n: int, one_at_a_time: bool) -> list[float]:
         out = []
@@ -89,32 +121,51 @@ def _worker(mode: str, model: str, threads: int, n_prompt: int, n_gen: int, reps
     if n_prompt > 0:
         result[f"pp{n_prompt}"] = speeds(n_prompt, one_at_a_time=False)
     if n_gen > 0:
-        result[f"tg{n_gen}"] = speeds(n_gen, one_at_a_time=True)
+        result[f"tg{n_gen}"] = generated(n_gen) if tg_text else speeds(n_gen, one_at_a_time=True)
     stats = llm.powerinfer_stats() if hasattr(llm, "powerinfer_stats") else None
     llm.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"results": result, "peak_rss_bytes": peak, "stats": stats}
 
 
-def run(model: str, modes: Sequence[str] = MODES, threads: int | None = None, n_prompt: int = 512,
-        n_gen: int = 128, reps: int = 3, seed: int = 0,
+def default_modes(model: str) -> tuple[str, ...]:
+    from .llama import check_model_file
+    return ("stock", "dense", "sparse") if check_model_file(model) is not None else ("stock", "ram", "disk")
+
+
+def run(model: str, modes: Sequence[str] | None = None, threads: int | None = None, n_prompt: int = 512,
+        n_gen: int = 128, reps: int = 3, seed: int = 0, source: str | None = None, tg_text: bool | None = None,
         progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """Benchmark each mode in its own process; `progress(mode)` is called as each one starts."""
+    """Benchmark each mode in its own process; `progress(mode)` is called as each one starts.
+    For a PowerInfer model, `stock` runs `source` (the GGUF it was converted from)."""
+    from .llama import check_model_file
+
     threads = threads or max(1, os.cpu_count() or 1)
+    is_powerinfer = check_model_file(model) is not None
+    modes = tuple(modes) if modes is not None else default_modes(model)
+    tg_text = is_powerinfer if tg_text is None else tg_text
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        if is_powerinfer and mode in ("ram", "disk"):
+            raise ValueError(f"mode {mode!r} is for GGUF models; a PowerInfer model runs as dense or sparse")
+        if not is_powerinfer and mode in ("dense", "sparse"):
+            raise ValueError(f"mode {mode!r} needs a PowerInfer model (powerinfer convert)")
+    if is_powerinfer and "stock" in modes and source is None:
+        raise ValueError("stock llama.cpp cannot open a PowerInfer model: pass the source GGUF (--source)")
     rows: list[BenchRow] = []
     for mode in modes:
         if progress is not None:
             progress(mode)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        cmd = [sys.executable, "-m", "powerinfer.bench", "--worker", mode, model, str(threads),
-               str(n_prompt), str(n_gen), str(reps), str(seed)]
+        path = source if (mode == "stock" and is_powerinfer) else model
+        cmd = [sys.executable, "-m", "powerinfer.bench", "--worker", mode, str(path), str(threads),
+               str(n_prompt), str(n_gen), str(reps), str(seed), "1" if tg_text else "0"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark of {mode} failed:\n{proc.stderr[-4000:]}")
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         for test, speeds in out["results"].items():
-            rows.append(BenchRow(mode, test, speeds, out["peak_rss_bytes"]))
+            rows.append(BenchRow(mode, test, speeds, out["peak_rss_bytes"], out.get("stats")))
     return rows
 
 
@@ -131,9 +182,16 @@ def format_table(model: str, rows: Sequence[BenchRow], threads: int) -> str:
         lines.append(
             f"| {name} | {size_gib:.2f} GiB | {MODE_LABELS[r.mode]} | {threads} | {r.test} "
             f"| {r.mean:.2f} ± {r.std:.2f} | {ratio} | {r.peak_rss_bytes / 2**20:.0f} MiB |")
+    for r in rows:
+        st = r.stats or {}
+        if st.get("neurons_total") and r.test.startswith("tg"):
+            lines.append(f"\n{MODE_LABELS[r.mode]}: sparse decode computed the gate rows of "
+                         f"{st['neurons_predicted'] / st['neurons_total']:.1%} of the FFN neurons (predicted), "
+                         f"up/down rows of {st['neurons_active'] / st['neurons_total']:.1%} (fired)")
     return "\n".join(lines)
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-    _mode, _model, _threads, _np, _ng, _reps, _seed = sys.argv[2:9]
-    print(json.dumps(_worker(_mode, _model, int(_threads), int(_np), int(_ng), int(_reps), int(_seed))))
+    _mode, _model, _threads, _np, _ng, _reps, _seed, _tg_text = sys.argv[2:10]
+    print(json.dumps(_worker(_mode, _model, int(_threads), int(_np), int(_ng), int(_reps), int(_seed),
+                             _tg_text == "1")))

@@ -40,14 +40,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     threads = args.threads or max(1, os.cpu_count() or 1)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = ([m.strip() for m in args.modes.split(",") if m.strip()] if args.modes
+             else list(bench.default_modes(args.model)))
     with tqdm(total=len(modes), unit="config", desc="benchmarking", delay=1.0, disable=args.quiet) as bar:
         def progress(mode: str) -> None:  # called as `mode` starts: the ones before it are done
             bar.update(modes.index(mode) - bar.n)
             bar.set_postfix_str(mode)
 
         rows = bench.run(args.model, modes=modes, threads=threads, n_prompt=args.n_prompt,
-                         n_gen=args.n_gen, reps=args.repetitions, seed=args.seed, progress=progress)
+                         n_gen=args.n_gen, reps=args.repetitions, seed=args.seed, source=args.source,
+                         tg_text=args.tg_text, progress=progress)
         bar.update(len(modes) - bar.n)
     print(bench.format_table(args.model, rows, threads))
     return 0
@@ -215,7 +217,7 @@ def _convert(args: argparse.Namespace, model: str, pwri_source: str | None = Non
     if target is not None:
         print(f"powerinfer: {activation} layers thresholded for {target:.0%} sparsity. What that costs depends on "
               f"the model (Gemma 3 270M at 50%: +27% perplexity); measure it with `powerinfer sparse-quality "
-              f"{args.output} --emulate`, choose with --target-sparsity.", file=sys.stderr)
+              f"{args.output}`, choose with --target-sparsity.", file=sys.stderr)
     return 0
 
 
@@ -250,16 +252,19 @@ def _cmd_sparse_quality(args: argparse.Namespace) -> int:
     from .calibration import calibration_texts
     from .quality import open_dense_and_sparse, sparse_cost
 
-    dense, sparse = open_dense_and_sparse(args.model, emulate=args.emulate, n_ctx=args.ctx_size,
+    dense, sparse = open_dense_and_sparse(args.model, args.mode, source=args.source, n_ctx=args.ctx_size,
                                           n_threads=args.threads, n_threads_batch=args.threads)
     try:
         with tqdm(total=args.tokens, unit="tok", desc="comparing", disable=args.quiet) as bar:
             c = sparse_cost(dense, sparse, calibration_texts(args.calibration, part="held_out"),
-                            max_tokens=args.tokens, window=args.ctx_size, progress=bar.update)
+                            max_tokens=args.tokens, window=args.ctx_size, decode=args.mode != "emulate",
+                            progress=bar.update)
     finally:
         dense.close()
         sparse.close()
-    how = "emulated (thresholds applied to the dense engine, perfect predictor)" if args.emulate else "sparse engine"
+    how = {"predicted": "sparse decode (predictors where they save work)",
+           "oracle": "sparse decode, every gate row computed (thresholds alone)",
+           "emulate": "thresholds applied to the source model through cb_eval (thresholds alone)"}[args.mode]
     print(f"{args.model}: {how}, {c.tokens} held-out positions: perplexity dense {c.perplexity_dense:.4f}, "
           f"sparse {c.perplexity_sparse:.4f} ({c.perplexity_sparse / c.perplexity_dense - 1:+.2%}); "
           f"top-1 agreement {c.top1:.4f}; KL mean {c.kl_mean:.3g} max {c.kl_max:.3g} nats")
@@ -325,7 +330,7 @@ def _open_model(args: argparse.Namespace) -> "Llama":
         with _LoadProgress(args.model, enabled=not (args.quiet or args.verbose)) as progress:
             llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads, ffn_on_disk=args.ffn_on_disk,
                         memory_budget=args.memory_budget, verbose=args.verbose, load_progress=progress,
-                        chat_format=chat_format)
+                        chat_format=chat_format, sparse=False if args.dense else None)
     except NotImplementedError as exc:
         if args.memory_budget is None:
             raise
@@ -413,7 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--modes", default="stock,ram,disk", help="comma list of stock, ram, disk")
+    p.add_argument("--modes", default=None,
+                   help="comma list of stock, ram, disk (GGUF models; default all three) or stock, dense, "
+                        "sparse (PowerInfer models; default all three)")
+    p.add_argument("--source", default=None,
+                   help="for a PowerInfer model: the GGUF it was converted from, which stock runs")
+    p.add_argument("--tg-text", action=argparse.BooleanOptionalAction, default=None,
+                   help="tg decodes the model's greedy continuation of a text prompt instead of random "
+                        "tokens (default for PowerInfer models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)
@@ -468,9 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one converted model, and the sparse model's top-1 agreement and KL "
                                    "divergence with dense, teacher-forced.")
     p.add_argument("model", help="a PowerInfer model from `powerinfer convert`")
-    p.add_argument("--emulate", action="store_true",
-                   help="sparse = the dense engine with thresholded-out activations zeroed (a perfect "
-                        "predictor; needs no sparse engine)")
+    p.add_argument("--mode", choices=("predicted", "oracle", "emulate"), default="predicted",
+                   help="the sparse side: predicted (decode as generation runs it, default), oracle (every "
+                        "gate row computed), emulate (the source model with thresholded-out activations "
+                        "zeroed, batched: quick, and independent of the sparse engine; needs --source)")
+    p.add_argument("--source", default=None, help="the GGUF the model was converted from (for --mode emulate)")
     p.add_argument("--calibration", default=None, help="text file whose held-out part is used (default: "
                                                        "stdlib docstrings)")
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate (default 4096)")
@@ -548,6 +562,8 @@ def _add_model_options(p: argparse.ArgumentParser, ctx_size: int = 2048) -> None
                    help="keep FFN weights in the model file and read them when used")
     p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
                    help="memory for the neuron cache, e.g. 4GiB (not available yet: arrives with the cache)")
+    p.add_argument("--dense", action="store_true",
+                   help="converted models: run the FFN dense, as the source model (default: sparse decode)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -95,6 +95,21 @@ class StockLlama(llama_cpp.Llama):
             super().__init__(model_path, **kwargs)
 
 
+def _sparse_mode(sparse: Optional[bool | str], is_powerinfer_model: bool) -> str:
+    """The slot's sparse mode for a `sparse` argument: None means sparse where the model can be."""
+    if sparse is None:
+        return "predicted" if is_powerinfer_model else "off"
+    if sparse is False or sparse == "off":
+        return "off"
+    mode = "predicted" if sparse is True else sparse
+    if mode not in ("predicted", "oracle"):
+        raise ValueError(f"sparse must be True, False, 'predicted', 'oracle' or 'off', not {sparse!r}")
+    if not is_powerinfer_model:
+        raise ValueError("the sparse FFN needs a PowerInfer model: convert this GGUF with "
+                         "`powerinfer convert MODEL.gguf OUT.gguf` first")
+    return mode
+
+
 class Llama(llama_cpp.Llama):
     """A drop-in ``llama_cpp.Llama`` whose FFN layers run on the PowerInfer ggml backend.
 
@@ -109,12 +124,18 @@ class Llama(llama_cpp.Llama):
       installed as llama.cpp's ``cb_eval`` (used by the profiler).
     * ``load_progress``: called with the fraction loaded (0..1) as llama.cpp loads the weights
       (the command line's progress bar).
+    * ``sparse``: for a converted PowerInfer model, run single tokens (decode) through the sparse,
+      predictor-gated FFN (default) or, with ``False``, everything dense as the source model.
+      ``"oracle"`` computes every gate row and skips only the neurons that do not fire (exact
+      for ReLU-family models; for measuring predictors). Batches always run dense.
+      ``sparse_mode`` reads and changes it on an open model.
     """
 
     def __init__(self, model_path: str, *, ffn_on_disk: bool = False,
                  memory_budget: Optional[int | str] = None, use_extra_bufts: bool = True,
                  eval_callback: Optional[tuple[int, int]] = None,
-                 load_progress: Optional[Callable[[float], None]] = None, **kwargs: Any) -> None:
+                 load_progress: Optional[Callable[[float], None]] = None,
+                 sparse: Optional[bool | str] = None, **kwargs: Any) -> None:
         if memory_budget is not None:
             raise NotImplementedError(
                 "memory_budget is not yet supported: it arrives with the neuron cache. "
@@ -122,9 +143,12 @@ class Llama(llama_cpp.Llama):
         source_arch = check_model_file(model_path)
         self.is_powerinfer_model = source_arch is not None
         self.ffn_on_disk = bool(ffn_on_disk)
+        mode = _sparse_mode(sparse, self.is_powerinfer_model)
         try:
+            # sparse rows need the plain layout: a PowerInfer model's FFN is not repacked
             self._pi_slot: Optional[_core.ModelSlot] = _core.ModelSlot(
-                os.fspath(model_path), self.ffn_on_disk, use_extra_bufts)
+                os.fspath(model_path), self.ffn_on_disk, use_extra_bufts and not self.is_powerinfer_model)
+            self._pi_slot.sparse_mode = mode
         except ValueError as exc:
             raise ModelFileError(str(exc)) from None
         if source_arch is not None:
@@ -172,12 +196,26 @@ class Llama(llama_cpp.Llama):
             self._pi_release()
             raise
 
+    @property
+    def sparse_mode(self) -> str:
+        """How single tokens run the FFN: "predicted", "oracle" or "off" (dense)."""
+        if self._pi_slot is None:
+            raise ValueError("the model is closed")
+        return self._pi_slot.sparse_mode
+
+    @sparse_mode.setter
+    def sparse_mode(self, mode: bool | str) -> None:
+        if self._pi_slot is None:
+            raise ValueError("the model is closed")
+        self._pi_slot.sparse_mode = _sparse_mode(mode, self.is_powerinfer_model)
+
     def powerinfer_stats(self) -> dict[str, Any]:
         """Counters of the FFN backend for this model: bytes read, rows computed, time."""
         if self._pi_slot is None:
             raise ValueError("the model is closed")
         stats = self._pi_slot.stats()
         stats["ffn_on_disk"] = self.ffn_on_disk
+        stats["sparse_mode"] = self._pi_slot.sparse_mode
         stats["direct_io"] = self._pi_slot.direct_io if self.ffn_on_disk else False
         return stats
 
@@ -204,4 +242,5 @@ class Llama(llama_cpp.Llama):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["ffn_on_disk"] = self.ffn_on_disk
+        state["sparse"] = self.sparse_mode
         return state

@@ -34,6 +34,14 @@ _BACKEND_METRICS: dict[str, tuple[str, str, str]] = {
                            "Bytes of FFN weights held in memory by the backend."),
     "ffn_on_disk": ("powerinfer_ffn_on_disk", "gauge", "1 if FFN weights are read from the model file when used."),
     "direct_io": ("powerinfer_direct_io", "gauge", "1 if FFN reads bypass the page cache (O_DIRECT)."),
+    "sparse_layer_tokens": ("powerinfer_sparse_layer_tokens_total", "counter",
+                            "FFN layer passes of single tokens computed sparse (predictor-gated)."),
+    "neurons_total": ("powerinfer_sparse_neurons_total", "counter",
+                      "FFN neurons of the layer passes computed sparse."),
+    "neurons_predicted": ("powerinfer_sparse_neurons_predicted_total", "counter",
+                          "Of those, the neurons whose gate row was computed (predicted candidates)."),
+    "neurons_active": ("powerinfer_sparse_neurons_fired_total", "counter",
+                       "Of those, the neurons that fired (their up and down rows were computed)."),
 }
 
 # Keys the neuron cache is expected to add. Until powerinfer_stats() has them, no hit-rate

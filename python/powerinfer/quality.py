@@ -21,13 +21,18 @@ class Agreement:
     max_abs_diff: float  # largest logit difference
 
 
-def logits(llm: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
+def logits(llm: llama_cpp.Llama, tokens: Sequence[int], *, one_at_a_time: bool = False) -> np.ndarray:
     """Logits after every token of `tokens` (evaluated from an empty context); the model must be
-    created with ``logits_all=True``."""
+    created with ``logits_all=True``. `one_at_a_time` decodes token by token, as generation does
+    (the sparse FFN runs only then), instead of in batches."""
     if len(tokens) > llm.n_ctx():
         raise ValueError(f"{len(tokens)} tokens do not fit the context ({llm.n_ctx()})")
     llm.reset()
-    llm.eval(list(tokens))
+    if one_at_a_time:
+        for tok in tokens:
+            llm.eval([tok])
+    else:
+        llm.eval(list(tokens))
     return np.array(llm.scores[: llm.n_tokens], dtype=np.float64)
 
 
@@ -104,10 +109,13 @@ def _window_stats(dense: np.ndarray, sparse: np.ndarray, targets: np.ndarray, ro
 
 
 def sparse_cost(dense: llama_cpp.Llama, sparse: llama_cpp.Llama, texts: Iterable[str], *, max_tokens: int = 4096,
-                window: int = 256, progress: Optional[Callable[[int], None]] = None) -> SparseCost:
+                window: int = 256, decode: bool = False,
+                progress: Optional[Callable[[int], None]] = None) -> SparseCost:
     """Teacher-forced comparison of two instances of one model (`dense`, `sparse`; both with
     ``logits_all=True`` and a context of at least `window`) on `texts`, each in windows of
-    `window` tokens from an empty cache, until max_tokens tokens have been evaluated."""
+    `window` tokens from an empty cache, until max_tokens tokens have been evaluated. `decode`
+    evaluates `sparse` one token at a time, as generation does (the sparse FFN with its
+    predictors runs only then); `dense` always runs in batches."""
     sums, positions, seen = np.zeros(5), 0, 0
     for text in texts:
         tokens = dense.tokenize(text.encode("utf-8", "replace"))
@@ -115,8 +123,8 @@ def sparse_cost(dense: llama_cpp.Llama, sparse: llama_cpp.Llama, texts: Iterable
             chunk = tokens[start:start + window][: max_tokens - seen]
             if len(chunk) < 2:
                 break
-            reference = logits32(dense, chunk)
-            stats = _window_stats(reference, logits32(sparse, chunk), np.asarray(chunk[1:]))
+            reference = _logits32(dense, chunk[:-1])
+            stats = _window_stats(reference, _logits32(sparse, chunk[:-1], decode), np.asarray(chunk[1:]))
             sums[:4] += stats[:4]
             sums[4] = max(sums[4], stats[4])
             positions += len(chunk) - 1
@@ -134,40 +142,46 @@ def sparse_cost(dense: llama_cpp.Llama, sparse: llama_cpp.Llama, texts: Iterable
                       sums[3] / n, float(sums[4]))
 
 
-def logits32(llm: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
-    """Logits after each of tokens[:-1] (float32), evaluated from an empty context."""
+def _logits32(llm: llama_cpp.Llama, tokens: Sequence[int], one_at_a_time: bool = False) -> np.ndarray:
+    """Logits after each token (float32: a 262k vocabulary makes float64 windows large)."""
     llm.reset()
-    llm.eval(list(tokens))
-    return np.array(llm.scores[: len(tokens) - 1], dtype=np.float32)
+    for batch in ([[t] for t in tokens] if one_at_a_time else [list(tokens)]):
+        llm.eval(batch)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
-def open_dense_and_sparse(model: str, *, emulate: bool = False, **kwargs: Any) -> tuple[Any, Any]:
-    """Two instances of a converted model: dense, and sparse. With `emulate` the sparse one is
-    the dense engine with each thresholded layer's activation zeroed where |f(gate)| is at or
-    below the file's threshold (through the profiler's cb_eval hook): sparse decode with a
-    perfect predictor, measurable before the sparse engine exists. Otherwise the backend's sparse
-    engine (``Llama(sparse=True)``) against ``sparse=False``."""
-    from .format import PowerInferFile, THRESHOLDED
+SPARSE_MODES = ("predicted", "oracle", "emulate")
+
+
+def open_dense_and_sparse(model: str, mode: str = "predicted", *, source: Optional[str] = None,
+                          **kwargs: Any) -> tuple[Any, Any]:
+    """Two instances of a converted model: dense (``sparse=False``), and sparse by `mode`:
+    "predicted" (the sparse engine as it decodes, ``sparse=True``) or "oracle" (the engine
+    computing every gate row: the thresholds alone). "emulate" opens `source`, the GGUF the model
+    was converted from, twice: as it is, and with each thresholded layer's activation zeroed
+    where |f(gate)| is at or below the converted file's threshold, through the profiler's
+    cb_eval hook: the thresholds alone, independently of the bundles and of the sparse engine."""
+    from .format import THRESHOLDED, FormatError, PowerInferFile, fingerprint
     from .llama import Llama
 
+    if mode not in SPARSE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(SPARSE_MODES)}")
     kwargs = {"logits_all": True, "verbose": False, **kwargs}
-    if not emulate:
-        try:
-            dense = Llama(model, sparse=False, **kwargs)
-        except TypeError as exc:
-            if "sparse" not in str(exc):
-                raise
-            raise NotImplementedError("this build's Llama has no sparse engine (sparse=...); "
-                                      "measure with emulate=True (--emulate)") from None
-        return dense, Llama(model, sparse=True, **kwargs)
+    if mode != "emulate":
+        dense = Llama(model, sparse=False, **kwargs)
+        return dense, Llama(model, sparse=True if mode == "predicted" else mode, **kwargs)
     from .profile import native_profiler
 
     pf = PowerInferFile.open(model)
+    if source is None:
+        raise ValueError("emulation runs the source model: give the GGUF it was converted from")
+    if fingerprint(source) != pf.source_fingerprint:
+        raise FormatError(f"{source} is not the model {model} was converted from")
     thresholds = {L.layer: t for L, act, t in zip(pf.layers, pf.activations, pf.activation_thresholds)
                   if act in THRESHOLDED}
     if not thresholds:
         raise ValueError(f"{model}: no thresholded (silu_threshold / gelu_threshold) layers to emulate")
-    profiler = native_profiler(model, thresholds=thresholds, emulate=True)
-    sparse = Llama(model, eval_callback=(profiler.callback_address, profiler.user_data), **kwargs)
+    profiler = native_profiler(source, thresholds=thresholds, emulate=True)
+    sparse = Llama(source, eval_callback=(profiler.callback_address, profiler.user_data), **kwargs)
     sparse._powerinfer_emulator = profiler  # the callback's data lives as long as the model
-    return Llama(model, **kwargs), sparse
+    return Llama(source, **kwargs), sparse

@@ -1,0 +1,213 @@
+#include "pi-down-batch.h"
+
+#include "pi-axpy.h"
+
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PI_DOWN_AVX2 1
+#endif
+
+// Output columns per micro-tile (two AVX registers) and the panel of dequantized down_t rows a
+// thread keeps in L2: chunk neurons x strip columns of f32, at most PANEL_BYTES.
+static const int64_t MICRO_COLS  = 16;
+static const size_t  PANEL_BYTES = 192 * 1024;
+
+static int64_t n_tokens(const pi_down_batch * b) {
+    return b->act->ne[1];
+}
+
+void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, const struct ggml_tensor * down_t) {
+    b->act    = act;
+    b->down_t = down_t;
+    b->n_tb   = (act->ne[1] + PI_DOWN_TB - 1) / PI_DOWN_TB;
+    if (!pi_down_batch_needs_pack(b)) {
+        return;
+    }
+    const int64_t n_ff = down_t->ne[1];
+    b->panels.resize((size_t) (b->n_tb * n_ff * PI_DOWN_TB));
+    b->active.resize((size_t) (b->n_tb * n_ff));
+    b->n_active.resize((size_t) b->n_tb);
+}
+
+bool pi_down_batch_needs_pack(const pi_down_batch * b) {
+    return n_tokens(b) >= 2 * PI_DOWN_TB;
+}
+
+static float act_at(const pi_down_batch * b, int64_t t, int64_t i) {
+    return *(const float *) ((const char *) b->act->data + t*b->act->nb[1] + i*b->act->nb[0]);
+}
+
+void pi_down_pack_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    pi_down_batch * b = (pi_down_batch *) userdata;
+    if (!pi_down_batch_needs_pack(b)) {
+        return;
+    }
+    const int64_t n_ff = b->down_t->ne[1];
+    const int64_t T = n_tokens(b);
+    for (int64_t tb = ith; tb < b->n_tb; tb += nth) {
+        float * panel = b->panels.data() + tb * n_ff * PI_DOWN_TB;
+        int32_t * active = b->active.data() + tb * n_ff;
+        int64_t n = 0;
+        const int64_t t0 = tb * PI_DOWN_TB;
+        const int64_t nt = t0 + PI_DOWN_TB <= T ? PI_DOWN_TB : T - t0;
+        for (int64_t i = 0; i < n_ff; i++) {
+            bool any = false;
+            for (int64_t k = 0; k < PI_DOWN_TB; k++) {
+                const float a = k < nt ? act_at(b, t0 + k, i) : 0.0f;
+                panel[i*PI_DOWN_TB + k] = a;
+                any |= a != 0.0f;
+            }
+            if (any) {
+                active[n++] = (int32_t) i;
+            }
+        }
+        b->n_active[tb] = n;
+    }
+    (void) dst;
+}
+
+// acc[k][c] = sum over the listed neurons of panel[i][k] * rows[i][c], for k < PI_DOWN_TB and
+// c < MICRO_COLS; rows are `row_stride` floats apart. Added into y rows t0..t0+nt.
+static void micro_kernel(const int32_t * list, int64_t n, const float * panel, const float * rows, int64_t row_stride,
+                         int64_t i_base, float * y, size_t y_stride, int64_t nt) {
+#ifdef PI_DOWN_AVX2
+    __m256 acc[PI_DOWN_TB][2];
+    for (int k = 0; k < PI_DOWN_TB; k++) {
+        acc[k][0] = _mm256_setzero_ps();
+        acc[k][1] = _mm256_setzero_ps();
+    }
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t i = list[j];
+        const float * r = rows + (i - i_base) * row_stride;
+        const __m256 r0 = _mm256_loadu_ps(r);
+        const __m256 r1 = _mm256_loadu_ps(r + 8);
+        const float * p = panel + i * PI_DOWN_TB;
+        for (int k = 0; k < PI_DOWN_TB; k++) {
+            const __m256 a = _mm256_broadcast_ss(p + k);
+            acc[k][0] = _mm256_fmadd_ps(a, r0, acc[k][0]);
+            acc[k][1] = _mm256_fmadd_ps(a, r1, acc[k][1]);
+        }
+    }
+    for (int64_t k = 0; k < nt; k++) {
+        float * out = (float *) ((char *) y + k * y_stride);
+        _mm256_storeu_ps(out,     _mm256_add_ps(_mm256_loadu_ps(out),     acc[k][0]));
+        _mm256_storeu_ps(out + 8, _mm256_add_ps(_mm256_loadu_ps(out + 8), acc[k][1]));
+    }
+#else
+    float acc[PI_DOWN_TB][MICRO_COLS] = {};
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t i = list[j];
+        const float * r = rows + (i - i_base) * row_stride;
+        const float * p = panel + i * PI_DOWN_TB;
+        for (int k = 0; k < PI_DOWN_TB; k++) {
+            for (int c = 0; c < MICRO_COLS; c++) {
+                acc[k][c] += p[k] * r[c];
+            }
+        }
+    }
+    for (int64_t k = 0; k < nt; k++) {
+        float * out = (float *) ((char *) y + k * y_stride);
+        for (int c = 0; c < MICRO_COLS; c++) {
+            out[c] += acc[k][c];
+        }
+    }
+#endif
+}
+
+// Small batches: every firing neuron's row segment added to each token's output.
+static void down_small_batch(pi_down_batch * b, struct ggml_tensor * dst, int64_t c0, int64_t c1) {
+    const struct ggml_tensor * down_t = b->down_t;
+    const pi_axpy_fn axpy = pi_axpy_kernel(down_t->type);
+    const int64_t blck = ggml_blck_size(down_t->type);
+    const size_t off = (size_t) (c0 / blck) * ggml_type_size(down_t->type);
+    for (int64_t t = 0; t < n_tokens(b); t++) {
+        float * y = (float *) ((char *) dst->data + t*dst->nb[1]) + c0;
+        memset(y, 0, sizeof(float) * (c1 - c0));
+        for (int64_t i = 0; i < down_t->ne[1]; i++) {
+            const float a = act_at(b, t, i);
+            if (a != 0.0f) {
+                axpy(c1 - c0, a, (const char *) down_t->data + i*down_t->nb[1] + off, y);
+            }
+        }
+    }
+}
+
+void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    pi_down_batch * b = (pi_down_batch *) userdata;
+    const struct ggml_tensor * down_t = b->down_t;
+    const int64_t n_embd = down_t->ne[0];
+    const int64_t n_ff   = down_t->ne[1];
+    const int64_t blck   = ggml_blck_size(down_t->type);
+    // strips of whole quant blocks and whole micro-tiles: 64 columns, or one 256-wide K block
+    const int64_t strip = blck > 64 ? blck : 64;
+    const int64_t n_strips = (n_embd + strip - 1) / strip;
+    if (!pi_down_batch_needs_pack(b)) {
+        const int64_t n_blocks = n_embd / blck;
+        const int64_t per = (n_blocks + nth - 1) / nth;
+        const int64_t b0 = per * ith < n_blocks ? per * ith : n_blocks;
+        const int64_t b1 = b0 + per < n_blocks ? b0 + per : n_blocks;
+        if (b0 < b1) {
+            down_small_batch(b, dst, b0 * blck, b1 * blck);
+        }
+        return;
+    }
+    const pi_axpy_fn axpy = pi_axpy_kernel(down_t->type);
+    const int64_t T = n_tokens(b);
+    const int64_t chunk = (int64_t) (PANEL_BYTES / (sizeof(float) * strip));
+    static thread_local std::vector<float> panel;
+    panel.resize((size_t) (chunk * strip));
+    std::vector<int64_t> lo((size_t) b->n_tb), hi((size_t) b->n_tb);
+
+    for (int64_t s = ith; s < n_strips; s += nth) {
+        const int64_t c0 = s * strip;
+        const int64_t w  = c0 + strip <= n_embd ? strip : n_embd - c0; // a multiple of the block size
+        for (int64_t t = 0; t < T; t++) {
+            memset((char *) dst->data + t*dst->nb[1] + c0*sizeof(float), 0, sizeof(float) * w);
+        }
+        const size_t off = (size_t) (c0 / blck) * ggml_type_size(down_t->type);
+        for (int64_t tb = 0; tb < b->n_tb; tb++) {
+            lo[tb] = hi[tb] = 0;
+        }
+        for (int64_t i0 = 0; i0 < n_ff; i0 += chunk) {
+            const int64_t i1 = i0 + chunk <= n_ff ? i0 + chunk : n_ff;
+            // dequantize the chunk's rows of this strip (neurons that never fire stay stale:
+            // they are never read)
+            for (int64_t tb = 0; tb < b->n_tb; tb++) {
+                const int32_t * list = b->active.data() + tb * n_ff;
+                lo[tb] = hi[tb];
+                while (hi[tb] < b->n_active[tb] && list[hi[tb]] < i1) {
+                    hi[tb]++;
+                }
+            }
+            for (int64_t i = i0; i < i1; i++) {
+                float * row = panel.data() + (i - i0) * strip;
+                memset(row, 0, sizeof(float) * w);
+                axpy(w, 1.0f, (const char *) down_t->data + i*down_t->nb[1] + off, row);
+            }
+            int64_t m = 0;
+            for (; m + MICRO_COLS <= w; m += MICRO_COLS) {
+                for (int64_t tb = 0; tb < b->n_tb; tb++) {
+                    const int64_t t0 = tb * PI_DOWN_TB;
+                    const int64_t nt = t0 + PI_DOWN_TB <= T ? PI_DOWN_TB : T - t0;
+                    micro_kernel(b->active.data() + tb * n_ff + lo[tb], hi[tb] - lo[tb],
+                                 b->panels.data() + tb * n_ff * PI_DOWN_TB, panel.data() + m, strip, i0,
+                                 (float *) ((char *) dst->data + t0*dst->nb[1]) + c0 + m, dst->nb[1], nt);
+                }
+            }
+            for (; m < w; m++) { // F16/F32 rows whose width is not a multiple of the micro-tile
+                for (int64_t tb = 0; tb < b->n_tb; tb++) {
+                    const int32_t * list = b->active.data() + tb * n_ff;
+                    const float * p = b->panels.data() + tb * n_ff * PI_DOWN_TB;
+                    for (int64_t t = tb * PI_DOWN_TB; t < T && t < (tb + 1) * PI_DOWN_TB; t++) {
+                        float * out = (float *) ((char *) dst->data + t*dst->nb[1]) + c0 + m;
+                        for (int64_t j = lo[tb]; j < hi[tb]; j++) {
+                            *out += p[list[j]*PI_DOWN_TB + (t - tb*PI_DOWN_TB)] * panel[(list[j] - i0)*strip + m];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

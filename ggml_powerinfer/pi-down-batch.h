@@ -1,0 +1,34 @@
+// The down projection of a bundled layer for a batch of tokens, from down_t (rows are neurons):
+// y[t] = sum_i act[t][i] * down_t[i]. ggml has no kernel for this layout, so it is a small f32
+// GEMM of our own, as two ggml custom ops:
+//   1. pack: activations regrouped by blocks of PI_DOWN_TB tokens, neuron-major, with the list
+//      of neurons that fire for at least one token of each block (ReLU models skip the rest)
+//   2. gemm: each thread a strip of output columns; down_t dequantized a chunk of neurons at a
+//      time into a cache-resident panel, then a register-blocked PI_DOWN_TB x 16 kernel
+// Batches below 2 * PI_DOWN_TB tokens skip packing: each firing neuron's row is added to each
+// token's output directly (the decode path's arithmetic).
+#pragma once
+
+#include "ggml.h"
+
+#include <cstdint>
+#include <vector>
+
+constexpr int64_t PI_DOWN_TB = 6; // tokens per register block
+
+struct pi_down_batch {
+    const struct ggml_tensor * act    = nullptr; // f32, n_ff x T
+    const struct ggml_tensor * down_t = nullptr; // n_ff rows of n_embd
+    int64_t              n_tb = 0;               // token blocks
+    std::vector<float>   panels;                 // [tb][neuron][PI_DOWN_TB]
+    std::vector<int32_t> active;                 // [tb][...]: neurons firing in the block, ascending
+    std::vector<int64_t> n_active;               // per token block
+};
+
+// Sizes the scratch for these operands.
+void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, const struct ggml_tensor * down_t);
+bool pi_down_batch_needs_pack(const pi_down_batch * b);
+
+// userdata: the pi_down_batch. The pack op writes only the scratch; the gemm op's dst is y.
+void pi_down_pack_op(struct ggml_tensor * dst, int ith, int nth, void * userdata);
+void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata);

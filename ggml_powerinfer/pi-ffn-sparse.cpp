@@ -1,0 +1,221 @@
+#include "pi-ffn-sparse.h"
+
+#include "pi-axpy.h"
+#include "pi-dot.h"
+#include "pi-ffn-dense.h"
+
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+#include <cmath>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define PI_SPARSE_AVX2 1
+#endif
+
+// Neurons per work unit of op 2. Units go round-robin to the threads: activity falls off
+// smoothly along the hot-first order, so neighbouring units cost about the same. 128 neurons
+// make each predictor row segment four whole cache lines.
+static const int64_t NEURON_CHUNK = 128;
+
+bool pi_sparse_supported(const pi_bundle_layer * L, const struct ggml_tensor * gate, const struct ggml_tensor * up,
+                         const struct ggml_tensor * down_t) {
+    if (L->activation == PI_ACT_GRAPH) {
+        return false; // a dense SiLU/GELU layer without threshold: nothing to skip
+    }
+    const ggml_backend_buffer_type_t cpu = ggml_backend_cpu_buffer_type();
+    if (gate->buffer == nullptr || up->buffer == nullptr || gate->buffer->buft != cpu || up->buffer->buft != cpu) {
+        return false; // repacked rows interleave eight neurons
+    }
+    const struct ggml_type_traits_cpu * tt = ggml_get_type_traits_cpu(gate->type);
+    if (tt == nullptr || tt->vec_dot == nullptr) {
+        return false;
+    }
+    const struct ggml_type_traits_cpu * qt = ggml_get_type_traits_cpu(tt->vec_dot_type);
+    if (tt->vec_dot_type != GGML_TYPE_F32 && (qt == nullptr || qt->from_float == nullptr)) {
+        return false;
+    }
+    return pi_axpy_kernel(down_t->type) != nullptr;
+}
+
+void pi_sparse_layer_prepare(pi_sparse_layer * s) {
+    const pi_bundle_layer * L = s->L;
+    const enum ggml_type dot_type = ggml_get_type_traits_cpu((enum ggml_type) L->gate_type)->vec_dot_type;
+    s->xq.resize(ggml_row_size(dot_type, L->n_embd));
+    s->h.resize(s->pred != nullptr ? (size_t) L->predictor.rank : 0);
+    s->act.resize((size_t) L->n_ff);
+    s->n_predicted = 0;
+    s->n_active    = 0;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    return ggml_fp16_to_fp32((ggml_fp16_t) h);
+}
+
+// acc[0..n) += a * w[0..n) for F16 w
+static void axpy_f16_to_f32(int64_t n, float a, const uint16_t * w, float * acc) {
+    int64_t k = 0;
+#ifdef PI_SPARSE_AVX2
+    const __m256 va = _mm256_set1_ps(a);
+    for (; k + 8 <= n; k += 8) {
+        const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (w + k)));
+        _mm256_storeu_ps(acc + k, _mm256_fmadd_ps(va, v, _mm256_loadu_ps(acc + k)));
+    }
+#endif
+    for (; k < n; k++) {
+        acc[k] += a * f16_to_f32(w[k]);
+    }
+}
+
+void pi_sparse_prepare_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    pi_sparse_layer * s = (pi_sparse_layer *) userdata;
+    const pi_bundle_layer * L = s->L;
+    const float * x = (const float *) s->x->data;
+    if (ith == 0) {
+        const struct ggml_type_traits_cpu * tt = ggml_get_type_traits_cpu((enum ggml_type) L->gate_type);
+        if (tt->vec_dot_type == GGML_TYPE_F32) {
+            memcpy(s->xq.data(), x, sizeof(float) * L->n_embd);
+        } else {
+            ggml_get_type_traits_cpu(tt->vec_dot_type)->from_float(x, s->xq.data(), L->n_embd);
+        }
+    }
+    if (s->pred == nullptr) {
+        return;
+    }
+    // h = relu(x . fc1): each thread a slice of the rank, fc1's rows read once by the team
+    const int64_t rank = L->predictor.rank;
+    const int64_t per = ((rank + nth - 1) / nth + 7) / 8 * 8;
+    const int64_t r0 = per * ith < rank ? per * ith : rank;
+    const int64_t r1 = r0 + per < rank ? r0 + per : rank;
+    float * h = s->h.data();
+    memset(h + r0, 0, sizeof(float) * (r1 - r0));
+    const uint16_t * fc1 = s->pred->fc1.data();
+    for (int64_t e = 0; e < L->n_embd; e++) {
+        if (x[e] != 0.0f) {
+            axpy_f16_to_f32(r1 - r0, x[e], fc1 + e*rank + r0, h + r0);
+        }
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        h[r] = h[r] > 0.0f ? h[r] : 0.0f;
+    }
+    (void) dst;
+}
+
+static inline float relu(float v) {
+    return v > 0.0f ? v : 0.0f;
+}
+
+void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    pi_sparse_layer * s = (pi_sparse_layer *) userdata;
+    const pi_bundle_layer * L = s->L;
+    const ggml_vec_dot_t vec_dot = ggml_get_type_traits_cpu((enum ggml_type) L->gate_type)->vec_dot;
+    const pi_dot_rows_fn dot_rows = pi_dot_rows_kernel((enum ggml_type) L->gate_type);
+    const int n = (int) L->n_embd;
+    const char * gate = (const char *) s->gate->data;
+    const char * up   = (const char *) s->up->data;
+    const size_t row  = L->gate_row;
+    const void * xq   = s->xq.data();
+    float * act = s->act.data();
+    const int64_t rank = s->pred != nullptr ? L->predictor.rank : 0;
+    const float threshold = s->pred != nullptr ? L->predictor.threshold : 0.0f;
+    const int64_t n_chunks = (L->n_ff + NEURON_CHUNK - 1) / NEURON_CHUNK;
+    uint64_t n_predicted = 0, n_active = 0;
+    float score[NEURON_CHUNK];
+
+    for (int64_t c = ith; c < n_chunks; c += nth) {
+        const int64_t i0 = c * NEURON_CHUNK;
+        const int64_t m  = i0 + NEURON_CHUNK <= L->n_ff ? NEURON_CHUNK : L->n_ff - i0;
+        if (s->pred != nullptr) {
+            memcpy(score, s->pred->bias.data() + i0, sizeof(float) * m);
+            const uint16_t * fc2 = s->pred->fc2.data() + i0;
+            for (int64_t r = 0; r < rank; r++) {
+                if (s->h[r] != 0.0f) { // h is relu'd: about half its entries are zero
+                    axpy_f16_to_f32(m, s->h[r], fc2 + r*L->n_ff, score);
+                }
+            }
+        }
+        // gate rows of the candidates; where most of a group of eight are candidates, the
+        // eight-row kernel (same results as vec_dot, several times the throughput)
+        bool  cand[NEURON_CHUNK];
+        float g[NEURON_CHUNK];
+        for (int64_t k = 0; k < m; k++) {
+            cand[k] = s->pred == nullptr || score[k] >= threshold;
+        }
+        for (int64_t k = 0; k < m; k += PI_DOT_ROWS) {
+            const int64_t kn = k + PI_DOT_ROWS <= m ? PI_DOT_ROWS : m - k;
+            int64_t n_cand = 0;
+            for (int64_t j = k; j < k + kn; j++) {
+                n_cand += cand[j];
+            }
+            n_predicted += (uint64_t) n_cand;
+            if (dot_rows != nullptr && kn == PI_DOT_ROWS && n_cand >= PI_DOT_ROWS / 2) {
+                dot_rows(n, g + k, gate + (i0 + k)*row, row, xq);
+                continue;
+            }
+            for (int64_t j = k; j < k + kn; j++) {
+                if (cand[j]) {
+                    vec_dot(n, &g[j], 0, gate + (i0 + j)*row, 0, xq, 0, 1);
+                }
+            }
+        }
+        // the activation; up rows of the neurons that fire, eight at a time where most do
+        float a[NEURON_CHUNK];
+        float u[NEURON_CHUNK];
+        for (int64_t k = 0; k < m; k++) {
+            a[k] = cand[k] ? pi_gate_activation(L, g[k]) : 0.0f;
+        }
+        for (int64_t k = 0; k < m; k += PI_DOT_ROWS) {
+            const int64_t kn = k + PI_DOT_ROWS <= m ? PI_DOT_ROWS : m - k;
+            int64_t n_fire = 0;
+            for (int64_t j = k; j < k + kn; j++) {
+                n_fire += a[j] != 0.0f;
+            }
+            if (dot_rows != nullptr && kn == PI_DOT_ROWS && n_fire >= PI_DOT_ROWS / 2) {
+                dot_rows(n, u + k, up + (i0 + k)*row, row, xq);
+                continue;
+            }
+            for (int64_t j = k; j < k + kn; j++) {
+                if (a[j] != 0.0f) {
+                    vec_dot(n, &u[j], 0, up + (i0 + j)*row, 0, xq, 0, 1);
+                }
+            }
+        }
+        for (int64_t k = 0; k < m; k++) {
+            const float y = a[k] == 0.0f ? 0.0f : a[k] * (L->activation == PI_ACT_DRELU ? relu(u[k]) : u[k]);
+            act[i0 + k] = y;
+            n_active += y != 0.0f;
+        }
+    }
+    s->n_predicted += n_predicted;
+    s->n_active    += n_active;
+    (void) dst;
+}
+
+void pi_sparse_down_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    pi_sparse_layer * s = (pi_sparse_layer *) userdata;
+    const pi_bundle_layer * L = s->L;
+    const struct ggml_tensor * down_t = s->down_t;
+    const pi_axpy_fn axpy = pi_axpy_kernel(down_t->type);
+    const int64_t blck = ggml_blck_size(down_t->type);
+    const size_t  bsize = ggml_type_size(down_t->type);
+    // a slice of whole blocks of the output per thread; each reads its part of every firing row
+    const int64_t n_blocks = L->n_embd / blck;
+    const int64_t per = (n_blocks + nth - 1) / nth;
+    const int64_t b0 = per * ith < n_blocks ? per * ith : n_blocks;
+    const int64_t b1 = b0 + per < n_blocks ? b0 + per : n_blocks;
+    if (b0 >= b1) {
+        return;
+    }
+    float * y = (float *) dst->data + b0 * blck;
+    const int64_t w = (b1 - b0) * blck;
+    memset(y, 0, sizeof(float) * w);
+    const char * rows = (const char *) down_t->data + (size_t) b0 * bsize;
+    const float * act = s->act.data();
+    for (int64_t i = 0; i < L->n_ff; i++) {
+        if (act[i] != 0.0f) {
+            axpy(w, act[i], rows + (size_t) i * down_t->nb[1], y);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+"""The sparse FFN of PowerInfer models: single tokens run predictor-gated neurons.
+
+Oracle mode (every gate row, up/down only for neurons that fire) must give exactly the dense
+result for ReLU-family layers; predicted mode is measured against dense (top-1, KL) and must do
+less work. Kernels are checked against ggml's dequantization with hypothesis.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import powerinfer
+from conftest import THREADS
+from powerinfer import _core
+from powerinfer import format as fmt
+from powerinfer import quality
+from powerinfer.profile import ModelProfile
+
+PROMPT = "The quick brown fox jumps over the lazy dog, and then"
+KW = dict(n_ctx=256, n_threads=THREADS, verbose=False, logits_all=True)
+
+# ggml type ids of the down_t types the converter writes, and a few more
+AXPY_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12,
+              "q5_k": 13, "q6_k": 14, "bf16": 30}
+
+
+def _tokens(llm: powerinfer.Llama, n: int) -> list[int]:
+    """The prompt and `n` tokens of the model's greedy continuation."""
+    tokens = llm.tokenize(PROMPT.encode())
+    out = list(tokens)
+    for tok in llm.generate(list(tokens), temp=0.0):
+        out.append(tok)
+        if len(out) >= len(tokens) + n:
+            break
+    return out
+
+
+def _decode_logits(llm: powerinfer.Llama, mode: str, tokens: list[int]) -> np.ndarray:
+    llm.sparse_mode = mode
+    return quality.logits(llm, tokens, one_at_a_time=True)
+
+
+@given(type_name=st.sampled_from(sorted(AXPY_TYPES)), n_blocks=st.integers(1, 12), n_rows=st.integers(1, 6),
+       seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_axpy_kernels_match_ggml_dequantization(type_name: str, n_blocks: int, n_rows: int, seed: int) -> None:
+    t = AXPY_TYPES[type_name]
+    block = 256 if type_name.endswith("_k") else 32
+    rng = np.random.default_rng(seed)
+    rows = (rng.standard_normal((n_rows, n_blocks * block)) * rng.uniform(0.01, 10)).astype(np.float32)
+    data = np.frombuffer(_core.quantize_rows(t, rows), dtype=np.uint8)
+    coefs = rng.standard_normal(n_rows).astype(np.float32)
+    want = coefs.astype(np.float64) @ _core.dequantize_rows(t, data, n_blocks * block).astype(np.float64)
+    got = _core.axpy_rows(t, data, n_blocks * block, coefs)
+    scale = np.abs(coefs).sum() * np.abs(rows).max() + 1e-30
+    assert np.abs(got - want).max() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("wtype", ["f16", "q4_0"])
+def test_oracle_sparse_decode_equals_dense(converted: dict[str, fmt.PowerInferFile], wtype: str) -> None:
+    """ReLU layers: skipping the neurons whose activation is zero changes nothing, bit for bit."""
+    llm = powerinfer.Llama(converted[wtype].path, **KW)
+    try:
+        tokens = _tokens(llm, 48)
+        dense = _decode_logits(llm, "off", tokens)
+        llm.reset_powerinfer_stats()
+        oracle = _decode_logits(llm, "oracle", tokens)
+        stats = llm.powerinfer_stats()
+    finally:
+        llm.close()
+    assert np.array_equal(dense, oracle)
+    n_layers = len(converted[wtype].layers)
+    assert stats["sparse_layer_tokens"] == n_layers * len(tokens)
+    assert stats["neurons_predicted"] == stats["neurons_total"]  # oracle: every gate row
+    assert 0 < stats["neurons_active"] < 0.5 * stats["neurons_total"]  # planted sparsity: about 10-20%
+
+
+@pytest.mark.parametrize("activation", ["relu2", "drelu", "fatrelu"])
+def test_relu_family_oracle_equals_dense(synthetic_models: dict[str, Path], profiles: dict[str, ModelProfile],
+                                         tmp_path: Path, activation: str) -> None:
+    path = fmt.convert(synthetic_models["f16"], tmp_path / f"{activation}.gguf", profiles["f16"].frequencies(),
+                       activation=activation, thresholds={il: 0.05 for il in range(4)}).path
+    llm = powerinfer.Llama(path, **KW)
+    try:
+        tokens = _tokens(llm, 24)
+        dense = _decode_logits(llm, "off", tokens)
+        llm.reset_powerinfer_stats()
+        oracle = _decode_logits(llm, "oracle", tokens)
+        active = llm.powerinfer_stats()["neurons_active"]
+    finally:
+        llm.close()
+    assert np.array_equal(dense, oracle)
+    assert active > 0
+
+
+def test_predicted_sparse_decode_is_close_to_dense_and_skips_work(with_predictors: tuple) -> None:
+    pf = with_predictors[0]
+    llm = powerinfer.Llama(pf.path, **KW)
+    try:
+        assert llm.sparse_mode == "predicted"  # the default for PowerInfer models
+        tokens = _tokens(llm, 128)
+        dense = _decode_logits(llm, "off", tokens)
+        llm.reset_powerinfer_stats()
+        sparse = _decode_logits(llm, "predicted", tokens)
+        stats = llm.powerinfer_stats()
+        batched = quality.logits(llm, tokens)  # batches run dense whatever the mode
+    finally:
+        llm.close()
+    agree = quality.compare(dense, sparse)
+    assert agree.top1 >= 0.97, agree
+    assert agree.kl_mean < 0.01, agree
+    assert not np.array_equal(dense, sparse)  # the predictor really gated something
+    assert stats["neurons_predicted"] < 0.7 * stats["neurons_total"]
+    assert stats["neurons_active"] <= stats["neurons_predicted"]
+    np.testing.assert_allclose(batched, dense, rtol=0, atol=1e-3 * np.abs(dense).max())
+
+
+def test_sparse_decode_does_not_depend_on_thread_count(with_predictors: tuple) -> None:
+    results = []
+    for threads in (1, 2):
+        llm = powerinfer.Llama(with_predictors[0].path, **{**KW, "n_threads": threads})
+        try:
+            tokens = llm.tokenize(PROMPT.encode())
+            results.append(_decode_logits(llm, "predicted", tokens))
+        finally:
+            llm.close()
+    assert np.array_equal(results[0], results[1])
+
+
+def test_sparse_needs_a_powerinfer_model(synthetic_models: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="powerinfer convert"):
+        powerinfer.Llama(str(synthetic_models["f16"]), sparse=True, verbose=False)
+    llm = powerinfer.Llama(str(synthetic_models["f16"]), n_ctx=64, verbose=False)
+    try:
+        assert llm.sparse_mode == "off"
+        with pytest.raises(ValueError):
+            llm.sparse_mode = "oracle"
+    finally:
+        llm.close()
+
+
+def test_bad_sparse_argument(converted: dict[str, fmt.PowerInferFile]) -> None:
+    with pytest.raises(ValueError, match="sparse must be"):
+        powerinfer.Llama(converted["f16"].path, sparse="sometimes", verbose=False)
