@@ -199,11 +199,14 @@ class _Stream:
     layer's gate against the simulated input keeps the planted firing probabilities in every
     layer; without it the 1b preset drifted from 11% active in layer 0 to 31% in layer 15."""
 
-    def __init__(self, x: np.ndarray, n_seq: int, n_head: int, n_head_kv: int) -> None:
-        self.x = x.astype(np.float32)
+    def __init__(self, n_seq: int, n_head: int, n_head_kv: int) -> None:
         self.n_seq = n_seq
         self.n_head, self.n_head_kv = n_head, n_head_kv
-        self._values = self._xn = self._gate = self._up = np.zeros(0, np.float32)
+        self.x = self._values = self._xn = self._gate = self._up = np.zeros(0, np.float32)
+
+    def start(self, embeddings: np.ndarray) -> None:
+        """The sequences' token embeddings, (n_seq * length, n_embd) in sequence order."""
+        self.x = embeddings.astype(np.float32)
 
     def set_values(self, wv: np.ndarray) -> None:
         self._values = _rms_norm(self.x) @ wv.T  # attn_norm.weight is 1
@@ -260,7 +263,7 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
     n_kv = head_dim * shape.n_head_kv
     f32 = gguf.GGMLQuantizationType.F32
     sample_tokens = rng.integers(0, shape.n_vocab, SIM_SEQUENCES * SIM_LENGTH)
-    streams: list[_Stream] = []  # the one stream, once the embeddings exist
+    stream = _Stream(SIM_SEQUENCES, shape.n_head, shape.n_head_kv)
 
     def normal(rows: int, cols: int, std: float) -> np.ndarray:
         return rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std)
@@ -274,22 +277,21 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
         e = normal(shape.n_vocab, n, 1.0)
         e[:, 1:] *= spectrum
         e[:, 0] = math.sqrt(n)
+        # the sampled rows as stored (rows quantize independently): no dequantized copy of all
+        stream.start(_dequantize(_quantize(e[sample_tokens], wtype), wtype))
         return e
-
-    def start_stream(e: np.ndarray) -> None:
-        streams.append(_Stream(e[sample_tokens], SIM_SEQUENCES, shape.n_head, shape.n_head_kv))
 
     def ones() -> np.ndarray:
         return np.ones((n,), dtype=np.float32)
 
-    yield _TensorPlan("token_embd.weight", (shape.n_vocab, n), wtype, embedding, start_stream)
+    yield _TensorPlan("token_embd.weight", (shape.n_vocab, n), wtype, embedding)
     for il in range(shape.n_layer):
         p = f"blk.{il}."
 
         def gate(il: int = il) -> np.ndarray:
             w = normal(f, n, 1.0 / math.sqrt(n))
             w[:, 0] = 0.0
-            xn = streams[0].ffn_input()  # this layer's FFN input, simulated
+            xn = stream.ffn_input()  # this layer's FFN input, simulated
             probs = layer_firing_probabilities(f, sparsity, seed, il)
             w[:, 0] = calibrate_bias_column(xn @ w.T, xn[:, 0], probs)
             return w * np.float32(RELU_SHARPNESS)
@@ -317,18 +319,15 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
             w[:, 0] = 0.0
             return w
 
-        def stream() -> _Stream:
-            return streams[0]
-
         yield _TensorPlan(p + "attn_norm.weight", (n,), f32, ones)
         yield _TensorPlan(p + "attn_q.weight", (n, n), wtype, lambda: normal(n, n, 0.1 / math.sqrt(n)))
         yield _TensorPlan(p + "attn_k.weight", (n_kv, n), wtype, lambda: normal(n_kv, n, 0.1 / math.sqrt(n)))
-        yield _TensorPlan(p + "attn_v.weight", (n_kv, n), wtype, wv, lambda w: stream().set_values(w))
-        yield _TensorPlan(p + "attn_output.weight", (n, n), wtype, wo, lambda w: stream().add_attention(w))
+        yield _TensorPlan(p + "attn_v.weight", (n_kv, n), wtype, wv, stream.set_values)
+        yield _TensorPlan(p + "attn_output.weight", (n, n), wtype, wo, stream.add_attention)
         yield _TensorPlan(p + "ffn_norm.weight", (n,), f32, ones)
-        yield _TensorPlan(p + "ffn_gate.weight", (f, n), wtype, gate, lambda w: stream().set_gate(w))
-        yield _TensorPlan(p + "ffn_up.weight", (f, n), wtype, up, lambda w: stream().set_up(w))
-        yield _TensorPlan(p + "ffn_down.weight", (n, f), wtype, down, lambda w: stream().add_ffn(w))
+        yield _TensorPlan(p + "ffn_gate.weight", (f, n), wtype, gate, stream.set_gate)
+        yield _TensorPlan(p + "ffn_up.weight", (f, n), wtype, up, stream.set_up)
+        yield _TensorPlan(p + "ffn_down.weight", (n, f), wtype, down, stream.add_ffn)
     yield _TensorPlan("output_norm.weight", (n,), f32, ones)
     # a large logit scale gives clear greedy margins, so float noise cannot flip a token
     yield _TensorPlan("output.weight", (shape.n_vocab, n), wtype, lambda: normal(shape.n_vocab, n, 8.0 / math.sqrt(n)))
