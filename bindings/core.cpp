@@ -11,13 +11,14 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
-#include <vector>
-
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -224,9 +225,23 @@ py::array_t<float> matmul_vec_dot_reference(int type, u8_array w, int64_t n_in, 
 }
 
 // Owns a profiler; Python hands its callback and pointer to llama.cpp's cb_eval.
+pi_glu_fn glu_fn_of(const std::string & name) {
+    if (name.empty()) {
+        return PI_GLU_NONE;
+    }
+    if (name == "silu") {
+        return PI_GLU_SILU;
+    }
+    if (name == "gelu") {
+        return PI_GLU_GELU;
+    }
+    throw py::value_error("unknown gate function '" + name + "' (silu, gelu or empty)");
+}
+
 class Profiler {
 public:
-    explicit Profiler(int64_t max_samples) : p_(pi_profiler_new(max_samples)) {}
+    Profiler(int64_t max_samples, const std::string & glu, const std::vector<float> & thresholds, bool emulate)
+        : p_(pi_profiler_new(max_samples, glu_fn_of(glu), thresholds.data(), (int) thresholds.size(), emulate)) {}
     ~Profiler() { pi_profiler_free(p_); }
     Profiler(const Profiler &) = delete;
     Profiler & operator=(const Profiler &) = delete;
@@ -248,6 +263,9 @@ public:
         d["both_positive"] = py::array_t<uint64_t>(L.both_positive.size(), L.both_positive.data());
         d["abs_act_sum"]   = py::array_t<double>(L.abs_act_sum.size(), L.abs_act_sum.data());
         d["hist"]          = py::array_t<uint64_t>(PI_HIST_BINS, L.hist);
+        d["fhist"]         = py::array_t<uint64_t>(L.fhist.size(), L.fhist.data());
+        d["above"]         = py::array_t<uint64_t>(L.above.size(), L.above.data());
+        d["threshold"]     = p_->threshold(il);
         const size_t mask_bytes = (size_t) (L.n_ff + 7) / 8;
         py::array_t<uint16_t> x({(py::ssize_t) L.samples, (py::ssize_t) L.n_embd});
         if (L.samples > 0) {
@@ -307,8 +325,33 @@ PYBIND11_MODULE(_core, m) {
     m.def("row_size", [](int type, int64_t n) { return ggml_row_size((ggml_type) type, n); },
           py::arg("type"), py::arg("n"));
 
+    m.def("fhist_edges", [] {
+        py::array_t<double> edges(PI_FHIST_BINS + 1);
+        for (int b = 0; b <= PI_FHIST_BINS; b++) {
+            edges.mutable_data()[b] = pi_fhist_edge(b);
+        }
+        return edges;
+    }, "Edges of the profiler's |f(gate)| histogram bins (bin b: [edges[b], edges[b+1])).");
+    m.def("fhist", [](f32_array values) {
+        py::array_t<uint64_t> counts(PI_FHIST_BINS);
+        std::fill(counts.mutable_data(), counts.mutable_data() + PI_FHIST_BINS, 0);
+        for (py::ssize_t i = 0; i < values.size(); i++) {
+            counts.mutable_data()[pi_fhist_bin(std::fabs(values.data()[i]))]++;
+        }
+        return counts;
+    }, py::arg("values"), "The profiler's |f(gate)| histogram of arbitrary values (for tests).");
+    m.def("glu_apply", [](const std::string & glu, f32_array g) {
+        const pi_glu_fn fn = glu_fn_of(glu);
+        py::array_t<float> out(g.size());
+        for (py::ssize_t i = 0; i < g.size(); i++) {
+            out.mutable_data()[i] = pi_glu_apply(fn, g.data()[i]);
+        }
+        return out;
+    }, py::arg("glu"), py::arg("g"), "The profiler's gate function f (silu, gelu) of the values.");
+
     py::class_<Profiler>(m, "Profiler")
-        .def(py::init<int64_t>(), py::arg("max_samples") = 0)
+        .def(py::init<int64_t, const std::string &, const std::vector<float> &, bool>(), py::arg("max_samples") = 0,
+             py::arg("glu") = "", py::arg("thresholds") = std::vector<float>(), py::arg("emulate") = false)
         .def_property_readonly("callback_address", &Profiler::callback_address)
         .def_property_readonly("user_data", &Profiler::user_data)
         .def_property_readonly("n_layers", &Profiler::n_layers)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ from powerinfer.models import gemma3_270m
 from powerinfer.profile import ModelProfile, profile_model
 from powerinfer.testmodels import write_test_model
 
-# Threads for every model in the suite: the CI machine has two cores.
-THREADS = 2
+# Threads for every model in the suite: the CI machine has two cores (fewer on a shared machine:
+# POWERINFER_TEST_THREADS=1).
+THREADS = int(os.environ.get("POWERINFER_TEST_THREADS", "2"))
 
 
 @pytest.fixture(scope="session")

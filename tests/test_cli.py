@@ -19,7 +19,7 @@ def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
                           input=stdin)
 
 
-@pytest.mark.parametrize("command", ["make-test-model", "bench", "profile", "convert", "inspect", "run", "chat",
+@pytest.mark.parametrize("command", ["make-test-model", "bench", "profile", "convert", "sparse-quality", "inspect", "run", "chat",
                                      "serve", "demo"])
 def test_help(command: str) -> None:
     proc = _cli(command, "--help")

@@ -55,15 +55,43 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# CATS (arXiv 2404.08763) and TEAL (arXiv 2408.14690) find about half of a 7B SiLU model's MLP
+# activations can be dropped by magnitude at little cost, without training; a converted silu/gelu
+# model without a threshold would not be sparse at all.
+DEFAULT_TARGET_SPARSITY = 0.5
+# Tokens of the calibration pass that sets |f(gate)| thresholds: Gemma 3 270M's thresholds for
+# 50% sparsity move by under 1% from 2048 to 8192 tokens.
+CALIBRATION_TOKENS = 4096
+
+
+def _calibrate(args: argparse.Namespace, model: str, target: float, part: Optional[str] = None) -> dict[int, float]:
+    """Per-layer |f(gate)| thresholds for `target` sparsity, on the calibration text's `part`."""
+    from tqdm import tqdm
+
+    from .calibration import calibration_texts
+    from .profile import calibrate_thresholds
+
+    tokens = min(args.tokens, CALIBRATION_TOKENS)
+    with tqdm(total=tokens, unit="tok", desc="calibrating thresholds", disable=args.quiet) as bar:
+        return calibrate_thresholds(model, calibration_texts(args.calibration, part=part), target,
+                                    max_tokens=tokens, threads=args.threads, progress=bar.update)
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .calibration import calibration_texts
     from .profile import profile_model
 
+    thresholds = None
+    if args.target_sparsity is not None:
+        _check_sparsity(args.target_sparsity)
+        thresholds = _calibrate(args, args.model, args.target_sparsity)
     with tqdm(total=args.tokens, unit="tok", desc="profiling", disable=args.quiet) as bar:
-        prof = profile_model(args.model, calibration_texts(args.calibration), max_tokens=args.tokens,
-                             n_ctx=args.ctx_size, threads=args.threads, max_samples=args.samples,
+        prof = profile_model(args.model, calibration_texts(args.calibration),
+                             max_tokens=args.tokens, n_ctx=args.ctx_size, threads=args.threads,
+                             max_samples=args.samples, thresholds=thresholds,
+                             target_sparsity=args.target_sparsity if thresholds else float("nan"),
                              progress=bar.update)
     print(prof.summary())
     if args.output:
@@ -87,65 +115,109 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return _convert(args, str(plain), pwri_source=args.model)
 
 
+def _check_sparsity(target: float) -> None:
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"--target-sparsity must be in [0, 1), got {target}")
+
+
+def _target_sparsity(args: argparse.Namespace, activation: str) -> Optional[float]:
+    """The sparsity to calibrate thresholds for: --target-sparsity, by default DEFAULT_TARGET_SPARSITY
+    for thresholded silu/gelu layers; None for the ReLU family, which is sparse by its activation
+    (asking for a target there is an error rather than a silently ignored option)."""
+    from .format import THRESHOLDED
+
+    if activation not in THRESHOLDED:
+        if args.target_sparsity is not None:
+            raise ValueError(f"--target-sparsity applies to silu_threshold / gelu_threshold layers; {activation} "
+                             f"is a ReLU-family activation, sparse by itself")
+        return None
+    target = DEFAULT_TARGET_SPARSITY if args.target_sparsity is None else args.target_sparsity
+    _check_sparsity(target)
+    return target
+
+
 def _convert(args: argparse.Namespace, model: str, pwri_source: str | None = None) -> int:
+    import math
+
     from tqdm import tqdm
 
     from .calibration import calibration_texts
-    from .format import FormatError, convert, fingerprint
+    from .format import FormatError, convert, fingerprint, resolve_activation
     from .profile import ModelProfile, profile_model
 
     train = args.predictors and pwri_source is None
     samples = args.samples if train else 0
+    activation = args.activation
+    if pwri_source is not None and activation == "auto":
+        activation = "relu"  # PowerInfer's sparse models (ReluLLaMA, ProSparse) are ReLU
+    activation = resolve_activation(model, activation)
+    target = _target_sparsity(args, activation)
+    thresholds: Optional[dict[int, float]] = None
     if args.profile:
         prof = ModelProfile.load(args.profile)
         if prof.fingerprint and prof.fingerprint != fingerprint(model):
             raise FormatError(f"profile {args.profile} was made for another model ({prof.model_path})")
+        if target is not None and not (prof.thresholded and math.isclose(prof.target_sparsity, target)):
+            made = f"for sparsity {prof.target_sparsity}" if prof.thresholded else "without thresholds"
+            raise FormatError(f"profile {args.profile} was made {made}; {activation} layers at sparsity {target} "
+                              f"need: powerinfer profile --target-sparsity {target} --samples N")
+        if target is None and prof.thresholded:
+            raise FormatError(f"profile {args.profile} counts |f(gate)| > threshold as active; {activation} layers "
+                              f"need a profile made without --target-sparsity")
+        thresholds = prof.thresholds() if target is not None else None
     else:
+        if target is not None:
+            thresholds = _calibrate(args, model, target, part="train")
         with tqdm(total=args.tokens, unit="tok", desc="profiling", disable=args.quiet) as bar:
             prof = profile_model(model, calibration_texts(args.calibration, part="train"),
                                  max_tokens=args.tokens, threads=args.threads, max_samples=samples,
+                                 thresholds=thresholds, target_sparsity=target if target is not None else math.nan,
                                  progress=bar.update)
+    if train and not all(len(layer.samples_x) for layer in prof.layers):
+        raise FormatError("the profile holds no samples: profile with --samples, or convert without --profile")
     small = max(256, args.tokens // 8)
 
-    def other_profile(part: str):  # type: ignore[no-untyped-def]
+    def other_profile(part: str, samples: bool = True) -> ModelProfile:
         with tqdm(total=small, unit="tok", desc=f"{part} profile", disable=args.quiet) as bar:
             return profile_model(model, calibration_texts(args.calibration, part=part), max_tokens=small,
-                                 threads=args.threads, max_samples=small, progress=bar.update)
+                                 threads=args.threads, max_samples=small if samples else 0,
+                                 thresholds=thresholds, progress=bar.update)
 
+    # held-out text: the measured sparsity of every file, and the predictors' quality
+    held = other_profile("held_out", samples=train or pwri_source is not None)
     predictors = None
     down_t = None
-    activation = args.activation
     if pwri_source is not None:
         from . import pwri
         from .predictor import evaluate
 
-        held = other_profile("held_out")
         predictors = {}
         for il, p in pwri.predictors(pwri_source).items():
             layer = held.layers[il]
             predictors[il] = (p, evaluate(p, layer.samples_x, layer.samples_active))
         down_t = pwri.down_t_rows(pwri_source)
-        if activation == "auto":
-            activation = "relu"  # PowerInfer's sparse models (ReluLLaMA, ProSparse) are ReLU
     elif args.predictors:
         from .predictor import train_layer_predictors
 
-        if not all(len(layer.samples_x) for layer in prof.layers):
-            raise FormatError("the profile holds no samples: profile with --samples, or convert without --profile")
-        other = {part: other_profile(part) for part in ("validation", "held_out")}
+        validation = other_profile("validation")
         ffn_bytes = _ffn_bytes(model)
         with tqdm(total=len(prof.layers), unit="layer", desc="training predictors", disable=args.quiet) as bar:
-            predictors = train_layer_predictors(prof.layers, other["validation"].layers, other["held_out"].layers,
+            predictors = train_layer_predictors(prof.layers, validation.layers, held.layers,
                                                 ffn_bytes, progress=lambda _: bar.update(1))
+    sparsity = {il: layer.inactive_fraction(activation) for il, layer in enumerate(held.layers)}
     with tqdm(total=1, unit="step", desc="writing bundles", disable=args.quiet) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
         out = convert(model, args.output, prof.frequencies(), profile_tokens=prof.tokens,
-                      predictors=predictors, activation=activation, down_t=down_t, identity=pwri_source,
-                      progress=progress)
+                      predictors=predictors, activation=activation, thresholds=thresholds, sparsity=sparsity,
+                      down_t=down_t, identity=pwri_source, progress=progress)
     print(out.summary())
+    if target is not None:
+        print(f"powerinfer: {activation} layers thresholded for {target:.0%} sparsity. What that costs depends on "
+              f"the model (Gemma 3 270M at 50%: +27% perplexity); measure it with `powerinfer sparse-quality "
+              f"{args.output} --emulate`, choose with --target-sparsity.", file=sys.stderr)
     return 0
 
 
@@ -171,6 +243,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(f"{args.model} vs {args.source} in stock llama-cpp-python, teacher-forced over "
           f"{a.tokens} positions: top-1 agreement {a.top1:.4f}, KL mean {a.kl_mean:.3g} max {a.kl_max:.3g} nats, "
           f"max |logit difference| {a.max_abs_diff:.3g}")
+    return 0
+
+
+def _cmd_sparse_quality(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .calibration import calibration_texts
+    from .quality import open_dense_and_sparse, sparse_cost
+
+    dense, sparse = open_dense_and_sparse(args.model, emulate=args.emulate, n_ctx=args.ctx_size,
+                                          n_threads=args.threads, n_threads_batch=args.threads)
+    try:
+        with tqdm(total=args.tokens, unit="tok", desc="comparing", disable=args.quiet) as bar:
+            c = sparse_cost(dense, sparse, calibration_texts(args.calibration, part="held_out"),
+                            max_tokens=args.tokens, window=args.ctx_size, progress=bar.update)
+    finally:
+        dense.close()
+        sparse.close()
+    how = "emulated (thresholds applied to the dense engine, perfect predictor)" if args.emulate else "sparse engine"
+    print(f"{args.model}: {how}, {c.tokens} held-out positions: perplexity dense {c.perplexity_dense:.4f}, "
+          f"sparse {c.perplexity_sparse:.4f} ({c.perplexity_sparse / c.perplexity_dense - 1:+.2%}); "
+          f"top-1 agreement {c.top1:.4f}; KL mean {c.kl_mean:.3g} max {c.kl_max:.3g} nats")
     return 0
 
 
@@ -339,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file (paragraphs); default: generated from Python stdlib docstrings")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens to run (default 16384)")
     p.add_argument("--samples", type=int, default=0, help="(input, active set) samples to keep per layer")
+    p.add_argument("--target-sparsity", type=float, default=None, metavar="S",
+                   help="first calibrate per-layer |f(gate)| thresholds (f: the graph's silu/gelu) so that a "
+                        "fraction S of activations is at or below them, then count and sample active sets "
+                        "as |f(gate)| > threshold")
     p.add_argument("-c", "--ctx-size", type=int, default=512)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("-o", "--output", default=None, help="write the profile (.npz)")
@@ -356,7 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip predictor training (ReLU-family activity is gate > 0)")
     p.add_argument("--activation", default="auto", choices=("auto",) + ACTIVATIONS,
                    help="what the FFN computes (auto: declared by the file, relu for PowerInfer (PWRI) "
-                        "files, else the architecture's silu/gelu)")
+                        "files, else the architecture's silu/gelu, thresholded)")
+    p.add_argument("--target-sparsity", type=float, default=None, metavar="S",
+                   help=f"silu_threshold / gelu_threshold layers: calibrate each layer's |f(gate)| threshold so "
+                        f"that a fraction S of activations is dropped on calibration text (default "
+                        f"{DEFAULT_TARGET_SPARSITY}); an error for ReLU-family layers")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_convert)
@@ -369,6 +471,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--ctx-size", type=int, default=512)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sparse-quality", help="what sparse decode costs: dense vs sparse on held-out text",
+                       description="Perplexity of held-out calibration text under dense and sparse decode of "
+                                   "one converted model, and the sparse model's top-1 agreement and KL "
+                                   "divergence with dense, teacher-forced.")
+    p.add_argument("model", help="a PowerInfer model from `powerinfer convert`")
+    p.add_argument("--emulate", action="store_true",
+                   help="sparse = the dense engine with thresholded-out activations zeroed (a perfect "
+                        "predictor; needs no sparse engine)")
+    p.add_argument("--calibration", default=None, help="text file whose held-out part is used (default: "
+                                                       "stdlib docstrings)")
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate (default 4096)")
+    p.add_argument("-c", "--ctx-size", type=int, default=256, help="window of each evaluation (default 256)")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sparse_quality)
 
     p = sub.add_parser("inspect", help="show the layout of a PowerInfer model")
     p.add_argument("model")

@@ -30,7 +30,9 @@ SUPPORTED_ARCHS = ("llama", "mistral", "gemma3", "qwen2", "qwen3")
 # computed by the backend in place of the graph's GLU; the thresholded ones are the graph's own
 # silu/gelu in dense mode, with the threshold used by sparse decode.
 ACTIVATIONS = ("relu", "relu2", "drelu", "fatrelu", "silu_threshold", "gelu_threshold")
-_GRAPH_ACTIVATION = {"gemma3": "gelu_threshold"}  # others: silu
+# thresholded activation -> the gate function f it thresholds: active iff |f(gate)| > threshold
+THRESHOLDED = {"silu_threshold": "silu", "gelu_threshold": "gelu"}
+_GRAPH_GATE_FUNCTION = {"gemma3": "gelu"}  # geglu; the other supported graphs are swiglu
 
 K = "powerinfer."
 
@@ -122,6 +124,7 @@ class PowerInferFile:
     layers: list[LayerLayout]
     activations: list[str]
     activation_thresholds: list[float]
+    activation_sparsity: list[float]  # inactive fraction measured on held-out text (NaN: not measured)
     frequency_offsets: list[int]
     permutation_offsets: list[int]
     down_requant_error: list[float]
@@ -161,8 +164,10 @@ class PowerInferFile:
             for j in range(len(values["layer"])):
                 row = {c: values[c][j] for c in cols}
                 predictors[[L.layer for L in layers].index(int(row["layer"]))] = row
+        sparsity = kv.get(K + "bundle.activation_sparsity", [float("nan")] * len(layers))  # optional key
         return cls(p, get("source.architecture"), get("source.sha256"), get("source.fingerprint"), region, layers,
                    [str(v) for v in get("bundle.activation")], [float(v) for v in get("bundle.activation_threshold")],
+                   [float(v) for v in sparsity],
                    [int(v) for v in get("frequency.offset")], [int(v) for v in get("permutation.offset")],
                    [float(v) for v in get("down_requant_rel_rms")], np.memmap(p, mode="r"), predictors)
 
@@ -212,16 +217,20 @@ class PowerInferFile:
         lines = [f"{self.path}: PowerInfer format v{FORMAT_VERSION}, source architecture "
                  f"{self.source_architecture}, {len(self.layers)} bundled layers",
                  "layer  n_ff  types(gate/down_t)  cluster  clusters  bytes        down re-quant rel RMS  "
-                 "hot 10% share  activation"]
+                 "hot 10% share  held-out sparsity  activation"]
         for i, L in enumerate(self.layers):
             f = self.frequency(i)
             share = f[: max(1, L.n_ff // 10)].sum() / max(float(f.sum()), 1e-12)
             act = self.activations[i]
-            if act != "relu" and act != "relu2" and act != "drelu":
-                act += f" > {self.activation_thresholds[i]:.4g}"
+            if act in THRESHOLDED:
+                act = f"|{THRESHOLDED[act]}(gate)| > {self.activation_thresholds[i]:.4g}"
+            elif act == "fatrelu":
+                act += f" (gate > {self.activation_thresholds[i]:.4g})"
+            sparsity = self.activation_sparsity[i]
+            measured = "-" if np.isnan(sparsity) else f"{sparsity:.1%}"
             lines.append(f"{L.layer:5d}  {L.n_ff:5d}  {gguf.GGMLQuantizationType(L.gate_type).name:>6}/"
                          f"{gguf.GGMLQuantizationType(L.down_type).name:<6}       {L.cluster:7d}  {L.n_clusters:8d}  "
-                         f"{L.bytes:11d}  {self.down_requant_error[i]:21.2e}  {share:12.1%}  {act}")
+                         f"{L.bytes:11d}  {self.down_requant_error[i]:21.2e}  {share:12.1%}  {measured:>17}  {act}")
         if self.predictors:
             lines.append("layer  predictor rank  size vs FFN  held-out recall  precision  computed/true active")
             for i, info in sorted(self.predictors.items()):
@@ -236,13 +245,44 @@ class PowerInferFile:
         return "\n".join(lines)
 
 
+def graph_gate_function(arch: str) -> str:
+    """The function an architecture's graph applies to the gate: silu (swiglu) or gelu (geglu)."""
+    return _GRAPH_GATE_FUNCTION.get(arch, "silu")
+
+
+def model_gate_function(path: str | os.PathLike[str]) -> str:
+    """The gate function of a model file's graph (a PowerInfer file: its source's)."""
+    kv = _header(os.fspath(path), ["general.architecture", K + "source.architecture"])["kv"]
+    return graph_gate_function(str(kv.get(K + "source.architecture", kv.get("general.architecture", ""))))
+
+
 def source_activation(kv: dict) -> str:
     """The activation a source model's FFN computes, from its metadata: the synthetic models
-    declare theirs; otherwise the architecture's (silu for llama-family graphs)."""
+    declare theirs; otherwise the architecture's, thresholded (silu for llama-family graphs)."""
     declared = kv.get("powerinfer.synthetic.activation")
     if isinstance(declared, str) and declared in ACTIVATIONS:
         return declared
-    return _GRAPH_ACTIVATION.get(str(kv.get("general.architecture", "")), "silu_threshold")
+    return graph_gate_function(str(kv.get("general.architecture", ""))) + "_threshold"
+
+
+def resolve_activation(model: str | os.PathLike[str], activation: str) -> str:
+    """`activation` checked against the model: "auto" becomes `source_activation`; a
+    thresholded activation must threshold the function the graph computes (dense mode runs the
+    graph's own)."""
+    kv = _header(os.fspath(model), ["general.architecture", "powerinfer.synthetic."])["kv"]
+    return _resolve_activation(kv, activation, os.fspath(model))
+
+
+def _resolve_activation(kv: dict, activation: str, name: str) -> str:
+    if activation == "auto":
+        activation = source_activation(kv)
+    if activation not in ACTIVATIONS:
+        raise FormatError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    f = graph_gate_function(str(kv.get("general.architecture", "")))
+    if activation in THRESHOLDED and THRESHOLDED[activation] != f:
+        raise FormatError(f"{name}: the graph computes {f}(gate) * up, so its thresholded activation is "
+                          f"{f}_threshold, not {activation}")
+    return activation
 
 
 def _ffn_layers(tensors: list[dict]) -> dict[int, dict[str, dict]]:
@@ -274,6 +314,7 @@ def down_t_type(src_type: int, n_embd: int) -> int:
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencies: dict[int, np.ndarray],
             *, profile_tokens: int = 0, predictors: Optional[dict[int, tuple["Predictor", "PredictorQuality"]]] = None,
             activation: str = "auto", thresholds: Optional[dict[int, float]] = None,
+            sparsity: Optional[dict[int, float]] = None,
             down_t: Optional[dict[int, tuple[int, np.ndarray]]] = None, identity: Optional[str] = None,
             progress: Optional[Callable[[int, int], None]] = None) -> PowerInferFile:
     """Write the PowerInfer file for `src` at `dst` (temp name, then rename).
@@ -281,22 +322,22 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
     `frequencies[layer]` is the per-neuron activation frequency (source order) from a profile;
     `predictors[layer]` a trained predictor (outputs in source order) and its held-out quality.
     `activation` is one of ACTIVATIONS or "auto" (see `source_activation`); `thresholds[layer]`
-    the FATReLU threshold or the magnitude threshold of a thresholded silu/gelu layer.
+    the FATReLU threshold or the |f(gate)| threshold of a thresholded silu/gelu layer (0 when
+    absent: every neuron with a nonzero f(gate) is active, i.e. no sparsity); `sparsity[layer]`
+    the inactive fraction measured on held-out text, shown by `inspect`.
     `down_t[layer]` = (type, rows in source neuron order) replaces transposing ffn_down (a
     PowerInfer file carries it); `identity` is the file whose hashes name the source (default
     `src`)."""
     down_t = down_t or {}
     predictors = predictors or {}
     thresholds = thresholds or {}
+    sparsity = sparsity or {}
     src, dst = os.fspath(src), os.fspath(dst)
     header = _header(src, ["general.architecture", "powerinfer.synthetic."])
     arch = header["kv"].get("general.architecture", "")
-    if activation == "auto":
-        activation = source_activation(header["kv"])
-    if activation not in ACTIVATIONS:
-        raise FormatError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     if arch == ARCH:
         raise FormatError(f"{src} is already a PowerInfer model")
+    activation = _resolve_activation(header["kv"], activation, src)
     ffn = _ffn_layers(header["tensors"])
     if not ffn:
         moe = any(".ffn_gate_exps." in t["name"] for t in header["tensors"])
@@ -340,7 +381,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         _write(src, tmp, arch, layouts, freq_offsets, perm_offsets, offset, frequencies, ffn,
-               profile_tokens, predictors, pred_offsets, activation, thresholds, down_t, identity or src, progress)
+               profile_tokens, predictors, pred_offsets, activation, thresholds, sparsity, down_t, identity or src,
+               progress)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -350,7 +392,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], frequencie
 def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offsets: list[int],
            perm_offsets: list[int], region_size: int, frequencies: dict[int, np.ndarray],
            ffn: dict[int, dict[str, dict]], profile_tokens: int, predictors: dict, pred_offsets: dict[int, int],
-           activation: str, thresholds: dict[int, float], given_down_t: dict[int, tuple[int, np.ndarray]],
+           activation: str, thresholds: dict[int, float], sparsity: dict[int, float],
+           given_down_t: dict[int, tuple[int, np.ndarray]],
            identity: str, progress: Optional[Callable[[int, int], None]]) -> None:
     data = np.memmap(src, mode="r")
 
@@ -400,6 +443,7 @@ def _write(src: str, tmp: Path, arch: str, layouts: list[LayerLayout], freq_offs
     w.set_u64_array(K + "bundle.offset", [L.offset for L in layouts])
     w.set_str_array(K + "bundle.activation", [activation] * len(layouts))
     w.set_f32_array(K + "bundle.activation_threshold", [float(thresholds.get(L.layer, 0.0)) for L in layouts])
+    w.set_f32_array(K + "bundle.activation_sparsity", [float(sparsity.get(L.layer, np.nan)) for L in layouts])
     w.set_u64_array(K + "frequency.offset", freq_offsets)
     w.set_u64_array(K + "permutation.offset", perm_offsets)
     w.set_f32_array(K + "down_requant_rel_rms", errors)

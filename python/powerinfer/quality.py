@@ -6,7 +6,7 @@ teacher-forced top-1 agreement and KL divergence against a reference, and perple
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -81,3 +81,98 @@ def against_stock(source: str, model: str, prompt: str, n_tokens: int, **kwargs:
         return compare(reference, logits(ours, tokens))
     finally:
         ours.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseCost:
+    """What sparse decode costs against dense decode of the same model, teacher-forced on text."""
+    tokens: int               # positions compared (predictions of the next token)
+    perplexity_dense: float
+    perplexity_sparse: float
+    top1: float               # fraction of positions where the argmaxes agree
+    kl_mean: float            # mean KL(dense || sparse) in nats
+    kl_max: float
+
+
+def _window_stats(dense: np.ndarray, sparse: np.ndarray, targets: np.ndarray, rows: int = 32) -> np.ndarray:
+    """Sums over positions of (nll dense, nll sparse, top-1 agreement, KL) and the max KL, in
+    chunks of `rows` (a vocabulary of 262k makes whole windows of float64 too large)."""
+    out = np.zeros(5)
+    for r0 in range(0, len(targets), rows):
+        lp = _log_softmax(dense[r0:r0 + rows].astype(np.float64))
+        lq = _log_softmax(sparse[r0:r0 + rows].astype(np.float64))
+        idx = np.arange(lp.shape[0]), targets[r0:r0 + rows]
+        kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+        out[:4] += (-lp[idx].sum(), -lq[idx].sum(), float((lp.argmax(-1) == lq.argmax(-1)).sum()), kl.sum())
+        out[4] = max(out[4], float(kl.max()))
+    return out
+
+
+def sparse_cost(dense: llama_cpp.Llama, sparse: llama_cpp.Llama, texts: Iterable[str], *, max_tokens: int = 4096,
+                window: int = 256, progress: Optional[Callable[[int], None]] = None) -> SparseCost:
+    """Teacher-forced comparison of two instances of one model (`dense`, `sparse`; both with
+    ``logits_all=True`` and a context of at least `window`) on `texts`, each in windows of
+    `window` tokens from an empty cache, until max_tokens tokens have been evaluated."""
+    sums, positions, seen = np.zeros(5), 0, 0
+    for text in texts:
+        tokens = dense.tokenize(text.encode("utf-8", "replace"))
+        for start in range(0, len(tokens), window):
+            chunk = tokens[start:start + window][: max_tokens - seen]
+            if len(chunk) < 2:
+                break
+            reference = logits32(dense, chunk)
+            stats = _window_stats(reference, logits32(sparse, chunk), np.asarray(chunk[1:]))
+            sums[:4] += stats[:4]
+            sums[4] = max(sums[4], stats[4])
+            positions += len(chunk) - 1
+            seen += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+            if seen >= max_tokens:
+                break
+        if seen >= max_tokens:
+            break
+    if positions == 0:
+        raise ValueError("the text produced no tokens to compare")
+    n = float(positions)
+    return SparseCost(positions, float(np.exp(sums[0] / n)), float(np.exp(sums[1] / n)), sums[2] / n,
+                      sums[3] / n, float(sums[4]))
+
+
+def logits32(llm: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
+    """Logits after each of tokens[:-1] (float32), evaluated from an empty context."""
+    llm.reset()
+    llm.eval(list(tokens))
+    return np.array(llm.scores[: len(tokens) - 1], dtype=np.float32)
+
+
+def open_dense_and_sparse(model: str, *, emulate: bool = False, **kwargs: Any) -> tuple[Any, Any]:
+    """Two instances of a converted model: dense, and sparse. With `emulate` the sparse one is
+    the dense engine with each thresholded layer's activation zeroed where |f(gate)| is at or
+    below the file's threshold (through the profiler's cb_eval hook): sparse decode with a
+    perfect predictor, measurable before the sparse engine exists. Otherwise the backend's sparse
+    engine (``Llama(sparse=True)``) against ``sparse=False``."""
+    from .format import PowerInferFile, THRESHOLDED
+    from .llama import Llama
+
+    kwargs = {"logits_all": True, "verbose": False, **kwargs}
+    if not emulate:
+        try:
+            dense = Llama(model, sparse=False, **kwargs)
+        except TypeError as exc:
+            if "sparse" not in str(exc):
+                raise
+            raise NotImplementedError("this build's Llama has no sparse engine (sparse=...); "
+                                      "measure with emulate=True (--emulate)") from None
+        return dense, Llama(model, sparse=True, **kwargs)
+    from .profile import native_profiler
+
+    pf = PowerInferFile.open(model)
+    thresholds = {L.layer: t for L, act, t in zip(pf.layers, pf.activations, pf.activation_thresholds)
+                  if act in THRESHOLDED}
+    if not thresholds:
+        raise ValueError(f"{model}: no thresholded (silu_threshold / gelu_threshold) layers to emulate")
+    profiler = native_profiler(model, thresholds=thresholds, emulate=True)
+    sparse = Llama(model, eval_callback=(profiler.callback_address, profiler.user_data), **kwargs)
+    sparse._powerinfer_emulator = profiler  # the callback's data lives as long as the model
+    return Llama(model, **kwargs), sparse
