@@ -68,7 +68,7 @@ public:
         return d;
     }
 
-    // "off", "predicted" or "oracle"
+    // "off", "predicted", "predictor" or "oracle"
     void set_sparse_mode(const std::string & mode) {
         enum pi_sparse_mode m;
         if (mode == "off") {
@@ -77,8 +77,10 @@ public:
             m = PI_SPARSE_PREDICTED;
         } else if (mode == "oracle") {
             m = PI_SPARSE_ORACLE;
+        } else if (mode == "predictor") {
+            m = PI_SPARSE_PREDICTOR;
         } else {
-            throw py::value_error("sparse mode must be 'off', 'predicted' or 'oracle', not '" + mode + "'");
+            throw py::value_error("sparse mode must be 'off', 'predicted', 'predictor' or 'oracle', not '" + mode + "'");
         }
         if (!pi_model_slot_set_sparse_mode(checked(), m)) {
             throw py::value_error("sparse modes need a PowerInfer model with its FFN in memory, opened without repacking");
@@ -89,6 +91,7 @@ public:
         switch (pi_model_slot_sparse_mode(checked())) {
             case PI_SPARSE_PREDICTED: return "predicted";
             case PI_SPARSE_ORACLE:    return "oracle";
+            case PI_SPARSE_PREDICTOR: return "predictor";
             default:                  return "off";
         }
     }

@@ -150,21 +150,15 @@ def open_dense_and_sparse(model: str, *, emulate: bool = False, **kwargs: Any) -
     """Two instances of a converted model: dense, and sparse. With `emulate` the sparse one is
     the dense engine with each thresholded layer's activation zeroed where |f(gate)| is at or
     below the file's threshold (through the profiler's cb_eval hook): sparse decode with a
-    perfect predictor, measurable before the sparse engine exists. Otherwise the backend's sparse
-    engine (``Llama(sparse=True)``) against ``sparse=False``."""
+    perfect predictor, computed independently of the sparse engine. Otherwise the backend's sparse
+    engine (``Llama(sparse=True)``) against ``sparse=False``; `sparse_cost` evaluates in batches,
+    which apply the thresholds without the predictor."""
     from .format import PowerInferFile, THRESHOLDED
     from .llama import Llama
 
     kwargs = {"logits_all": True, "verbose": False, **kwargs}
     if not emulate:
-        try:
-            dense = Llama(model, sparse=False, **kwargs)
-        except TypeError as exc:
-            if "sparse" not in str(exc):
-                raise
-            raise NotImplementedError("this build's Llama has no sparse engine (sparse=...); "
-                                      "measure with emulate=True (--emulate)") from None
-        return dense, Llama(model, sparse=True, **kwargs)
+        return Llama(model, sparse=False, **kwargs), Llama(model, sparse=True, **kwargs)
     from .profile import native_profiler
 
     pf = PowerInferFile.open(model)
