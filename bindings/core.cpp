@@ -68,7 +68,7 @@ public:
         return d;
     }
 
-    // "off", "predicted" or "oracle"
+    // "off", "predicted", "predictor" or "oracle"
     void set_sparse_mode(const std::string & mode) {
         enum pi_sparse_mode m;
         if (mode == "off") {
@@ -77,8 +77,10 @@ public:
             m = PI_SPARSE_PREDICTED;
         } else if (mode == "oracle") {
             m = PI_SPARSE_ORACLE;
+        } else if (mode == "predictor") {
+            m = PI_SPARSE_PREDICTOR;
         } else {
-            throw py::value_error("sparse mode must be 'off', 'predicted' or 'oracle', not '" + mode + "'");
+            throw py::value_error("sparse mode must be 'off', 'predicted', 'predictor' or 'oracle', not '" + mode + "'");
         }
         if (!pi_model_slot_set_sparse_mode(checked(), m)) {
             throw py::value_error("sparse modes need a PowerInfer model with its FFN in memory, opened without repacking");
@@ -89,6 +91,7 @@ public:
         switch (pi_model_slot_sparse_mode(checked())) {
             case PI_SPARSE_PREDICTED: return "predicted";
             case PI_SPARSE_ORACLE:    return "oracle";
+            case PI_SPARSE_PREDICTOR: return "predictor";
             default:                  return "off";
         }
     }
@@ -249,6 +252,8 @@ public:
     uintptr_t callback_address() const { return (uintptr_t) &pi_profiler_eval_callback; }
     uintptr_t user_data() const { return (uintptr_t) p_; }
     int n_layers() const { return (int) p_->layers.size(); }
+    bool emulate() const { return p_->emulate; }
+    void set_emulate(bool on) { p_->emulate = on; } // between evaluations only
 
     py::dict layer(int il) const {
         if (il < 0 || il >= (int) p_->layers.size()) {
@@ -355,6 +360,7 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("callback_address", &Profiler::callback_address)
         .def_property_readonly("user_data", &Profiler::user_data)
         .def_property_readonly("n_layers", &Profiler::n_layers)
+        .def_property("emulate", &Profiler::emulate, &Profiler::set_emulate)
         .def("layer", &Profiler::layer, py::arg("il"));
 
     py::class_<ModelSlot>(m, "ModelSlot")

@@ -36,8 +36,10 @@ struct pi_stats {
 // How the FFN of a PowerInfer model runs (RAM slots). Batches of tokens always run dense.
 enum pi_sparse_mode {
     PI_SPARSE_OFF       = 0, // dense: the source model's FFN
-    PI_SPARSE_PREDICTED = 1, // single tokens: predictor -> gate rows of candidates -> up/down of firing neurons
+    PI_SPARSE_PREDICTED = 1, // single tokens: per layer, the predictor's candidates' gate rows where that
+                             // is cheaper than every gate row; up/down of the firing neurons
     PI_SPARSE_ORACLE    = 2, // single tokens: every gate row, up/down of the neurons that truly fire
+    PI_SPARSE_PREDICTOR = 3, // as PREDICTED, but every layer with a predictor uses it (to measure them)
 };
 
 enum pi_residency {

@@ -36,8 +36,9 @@ struct pi_bundle_predictor {
     float    predicted_fraction = 0.0f; // measured on held-out text at conversion (0: unknown)
 };
 
-// Whether a layer's predictor saves work over computing every gate row: it reads fc1, about
-// half of fc2 (the rows of zero hidden units are skipped) and the candidates' gate rows.
+// Whether a layer's predictor saves time over computing every gate row with ggml's matmul: it
+// reads fc1, about half of fc2 (rows of zero hidden units are skipped) and the candidates' gate
+// rows, all at a lower speed than a dense matmul streams the gate matrix.
 bool pi_predictor_worth_it(const struct pi_bundle_layer * L);
 
 struct pi_bundle_layer {

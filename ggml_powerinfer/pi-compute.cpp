@@ -300,14 +300,18 @@ static void plan_sparse_layers(pi_compute_context * ctx, struct ggml_cgraph * cg
         s->slot   = slot;
         s->L      = L;
         // a predictor that would cost more than it saves is not used: every gate row instead
-        s->pred   = mode == PI_SPARSE_PREDICTED && pi_predictor_worth_it(L) ? pi_slot_predictor(slot, L) : nullptr;
+        const bool use_predictor = mode == PI_SPARSE_PREDICTOR || (mode == PI_SPARSE_PREDICTED && pi_predictor_worth_it(L));
+        s->pred   = use_predictor ? pi_slot_predictor(slot, L) : nullptr;
+        s->gate_out = s->pred == nullptr ? gate : nullptr; // every gate row: the graph's matmul
         s->x      = gate->src[1];
         s->gate   = gate_w;
         s->up     = up_w;
         s->down_t = down_t;
         pi_sparse_layer_prepare(s);
         ctx->sparse_by_down[down] = s;
-        ctx->sparse_skipped.insert(gate);
+        if (s->gate_out == nullptr) {
+            ctx->sparse_skipped.insert(gate);
+        }
         ctx->sparse_skipped.insert(up);
         ctx->sparse_skipped.insert(glu);
     }

@@ -143,7 +143,11 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
         for (int64_t k = 0; k < m; k++) {
             cand[k] = s->pred == nullptr || score[k] >= threshold;
         }
-        for (int64_t k = 0; k < m; k += PI_DOT_ROWS) {
+        if (s->gate_out != nullptr) {
+            memcpy(g, (const float *) s->gate_out->data + i0, sizeof(float) * m);
+            n_predicted += (uint64_t) m;
+        }
+        for (int64_t k = 0; s->gate_out == nullptr && k < m; k += PI_DOT_ROWS) {
             const int64_t kn = k + PI_DOT_ROWS <= m ? PI_DOT_ROWS : m - k;
             int64_t n_cand = 0;
             for (int64_t j = k; j < k + kn; j++) {

@@ -2,7 +2,9 @@
 // custom ops that run one after the other on ggml's threads (the graph gives the barriers):
 //   1. prepare: x converted to the gate type's vec_dot_type; predictor hidden h = relu(x . fc1)
 //   2. neurons: predictor scores pick candidate neurons; their gate rows, the activation, and
-//               the up rows of those that fire give act[i] (0 for every other neuron)
+//               the up rows of those that fire give act[i] (0 for every other neuron). Without
+//               a predictor every gate row is needed: the graph's own gate matmul computes them
+//               (ggml's dense kernel reads rows faster than gathered row dots) and op 2 reads it.
 //   3. down:    y = sum over firing neurons of act[i] * down_t[i], a column slice per thread
 #pragma once
 
@@ -20,6 +22,8 @@ struct pi_sparse_layer {
     pi_model_slot *            slot     = nullptr; // whose counters the layer's work adds to
     const pi_bundle_layer *    L        = nullptr;
     const pi_predictor_ram *   pred     = nullptr; // nullptr: every neuron is a candidate
+    const struct ggml_tensor * gate_out = nullptr; // f32 n_ff: every gate row, computed by ggml's
+                                                   // matmul in the graph (no predictor), or nullptr
     const struct ggml_tensor * x        = nullptr; // f32, n_embd (the FFN input)
     const struct ggml_tensor * gate     = nullptr; // host tensors: plain hot-first rows
     const struct ggml_tensor * up       = nullptr;

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 import gguf
@@ -12,7 +11,7 @@ import pytest
 import powerinfer
 from conftest import THREADS
 from powerinfer.calibration import calibration_texts, is_held_out, stdlib_docstrings
-from powerinfer.testmodels import RELU_SHARPNESS
+from powerinfer.testmodels import Sparsity, layer_firing_probabilities
 from powerinfer.profile import ModelProfile, profile_model
 
 
@@ -23,14 +22,15 @@ def small_profile(synthetic_models: dict[str, Path]) -> ModelProfile:
 
 
 def _planted_probabilities(path: Path) -> np.ndarray:
-    """Layer 0's firing probabilities, recomputed from its gate column 0 (the bias channel)."""
+    """Layer 0's firing probabilities, recomputed from the generator's parameters in the file."""
     reader = gguf.GGUFReader(str(path))
+
+    def meta(key: str) -> float:
+        return float(reader.fields[f"powerinfer.synthetic.{key}"].contents())
+
     gate = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate.weight")
-    n_ff, n_embd = int(gate.shape[1]), int(gate.shape[0])
-    w0 = np.array(gate.data, dtype=np.float32).reshape(n_ff, n_embd)[:, 0]
-    bias = w0 * math.sqrt(n_embd / 2) / RELU_SHARPNESS
-    nd = statistics.NormalDist()
-    return np.array([nd.cdf(b / math.sqrt(0.5)) for b in bias])
+    sparsity = Sparsity(active_fraction=meta("active_fraction"), skew=meta("skew"))
+    return layer_firing_probabilities(int(gate.shape[1]), sparsity, int(meta("seed")), 0)
 
 
 def test_layer0_frequency_matches_the_planted_sparsity(small_profile: ModelProfile,

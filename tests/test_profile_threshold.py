@@ -188,43 +188,44 @@ def deep_silu(synthetic_models: dict[str, Path], silu_profiles: dict[str, ModelP
     return fmt.convert(synthetic_models["f16"], out, train.frequencies(), activation="silu_threshold", thresholds=deep)
 
 
-def _cost(path: str, mode: str, source: Path) -> SparseCost:
-    from powerinfer.quality import open_dense_and_sparse, sparse_cost
+def _cost(path: str, mode: str, source: Path | None = None) -> SparseCost:
+    from powerinfer.quality import open_sparse_switch, sparse_cost
 
-    dense, sparse = open_dense_and_sparse(path, mode, source=str(source), n_ctx=128, n_threads=THREADS)
+    llm, set_sparse = open_sparse_switch(path, mode, source=None if source is None else str(source), n_ctx=128,
+                                         n_threads=THREADS)
     try:
-        return sparse_cost(dense, sparse, calibration_texts(part="held_out"), max_tokens=256, window=128,
+        return sparse_cost(llm, set_sparse, calibration_texts(part="held_out"), max_tokens=256, window=128,
                            decode=mode != "emulate")
     finally:
-        dense.close()
-        sparse.close()
+        llm.close()
 
 
 def test_emulated_thresholds(synthetic_models: dict[str, Path], silu_profiles: dict[str, ModelProfile],
                              deep_silu: fmt.PowerInferFile, tmp_path: Path) -> None:
     """Zeroing thresholded-out activations through the observer: at threshold 0 nothing changes
-    (bit for bit); at 97% the logits move."""
-    from powerinfer.quality import open_dense_and_sparse
+    (bit for bit); at 97% the logits move, on the converted file as on its (F16) source."""
+    from powerinfer.quality import open_sparse_switch
 
     zero = fmt.convert(synthetic_models["f16"], tmp_path / "zero.gguf", silu_profiles["train"].frequencies(),
                        activation="silu_threshold", thresholds={il: 0.0 for il in range(4)})
     src = synthetic_models["f16"]
-    unchanged, deep = _cost(zero.path, "emulate", src), _cost(deep_silu.path, "emulate", src)
+    unchanged, deep, on_source = _cost(zero.path, "emulate"), _cost(deep_silu.path, "emulate"), \
+        _cost(deep_silu.path, "emulate", src)
     assert unchanged.kl_max == 0.0 and unchanged.top1 == 1.0
     assert unchanged.perplexity_sparse == unchanged.perplexity_dense
     assert deep.kl_mean > 0.0 and deep.top1 < 1.0 and deep.tokens == unchanged.tokens > 200
+    assert abs(math.log(on_source.perplexity_sparse / deep.perplexity_sparse)) < 0.01
     relu = fmt.convert(synthetic_models["f16"], tmp_path / "relu.gguf", silu_profiles["train"].frequencies())
     with pytest.raises(ValueError, match="no thresholded"):
-        open_dense_and_sparse(relu.path, "emulate", source=str(src), n_ctx=128)
+        open_sparse_switch(relu.path, "emulate", n_ctx=128)
     with pytest.raises(fmt.FormatError, match="not the model"):
-        open_dense_and_sparse(deep_silu.path, "emulate", source=str(synthetic_models["q8_0"]), n_ctx=128)
+        open_sparse_switch(deep_silu.path, "emulate", source=str(synthetic_models["q8_0"]), n_ctx=128)
 
 
-def test_sparse_engine_applies_the_thresholds(deep_silu: fmt.PowerInferFile, synthetic_models: dict[str, Path]) -> None:
+def test_sparse_engine_applies_the_thresholds(deep_silu: fmt.PowerInferFile) -> None:
     """The sparse engine's oracle decode (every gate row, |silu(g)| > t) costs what the
     emulation measures: two implementations of the same thresholded activation."""
-    src = synthetic_models["f16"]
-    emulated, oracle = _cost(deep_silu.path, "emulate", src), _cost(deep_silu.path, "oracle", src)
+    emulated, oracle = _cost(deep_silu.path, "emulate"), _cost(deep_silu.path, "oracle")
     assert oracle.kl_mean > 0.0 and oracle.tokens == emulated.tokens
     assert abs(math.log(oracle.perplexity_sparse / emulated.perplexity_sparse)) < 0.02
     assert abs(oracle.top1 - emulated.top1) < 0.03

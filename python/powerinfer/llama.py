@@ -102,8 +102,8 @@ def _sparse_mode(sparse: Optional[bool | str], is_powerinfer_model: bool) -> str
     if sparse is False or sparse == "off":
         return "off"
     mode = "predicted" if sparse is True else sparse
-    if mode not in ("predicted", "oracle"):
-        raise ValueError(f"sparse must be True, False, 'predicted', 'oracle' or 'off', not {sparse!r}")
+    if mode not in ("predicted", "predictor", "oracle"):
+        raise ValueError(f"sparse must be True, False, 'predicted', 'predictor', 'oracle' or 'off', not {sparse!r}")
     if not is_powerinfer_model:
         raise ValueError("the sparse FFN needs a PowerInfer model: convert this GGUF with "
                          "`powerinfer convert MODEL.gguf OUT.gguf` first")
@@ -126,8 +126,10 @@ class Llama(llama_cpp.Llama):
       (the command line's progress bar).
     * ``sparse``: for a converted PowerInfer model, run single tokens (decode) through the sparse,
       predictor-gated FFN (default) or, with ``False``, everything dense as the source model.
-      ``"oracle"`` computes every gate row and skips only the neurons that do not fire (exact
-      for ReLU-family models; for measuring predictors). Batches always run dense.
+      By default a layer uses its predictor only where that is cheaper than computing every gate
+      row; ``"predictor"`` uses every layer's predictor (to measure them), ``"oracle"`` none:
+      every gate row, skipping only the neurons that do not fire (exact for ReLU-family models).
+      Batches always run dense.
       ``sparse_mode`` reads and changes it on an open model.
     """
 
@@ -198,7 +200,7 @@ class Llama(llama_cpp.Llama):
 
     @property
     def sparse_mode(self) -> str:
-        """How single tokens run the FFN: "predicted", "oracle" or "off" (dense)."""
+        """How single tokens run the FFN: "predicted", "predictor", "oracle" or "off" (dense)."""
         if self._pi_slot is None:
             raise ValueError("the model is closed")
         return self._pi_slot.sparse_mode

@@ -108,23 +108,26 @@ def _window_stats(dense: np.ndarray, sparse: np.ndarray, targets: np.ndarray, ro
     return out
 
 
-def sparse_cost(dense: llama_cpp.Llama, sparse: llama_cpp.Llama, texts: Iterable[str], *, max_tokens: int = 4096,
-                window: int = 256, decode: bool = False,
+def sparse_cost(llm: llama_cpp.Llama, set_sparse: Callable[[bool], None], texts: Iterable[str], *,
+                max_tokens: int = 4096, window: int = 256, decode: bool = False,
                 progress: Optional[Callable[[int], None]] = None) -> SparseCost:
-    """Teacher-forced comparison of two instances of one model (`dense`, `sparse`; both with
-    ``logits_all=True`` and a context of at least `window`) on `texts`, each in windows of
-    `window` tokens from an empty cache, until max_tokens tokens have been evaluated. `decode`
-    evaluates `sparse` one token at a time, as generation does (the sparse FFN with its
-    predictors runs only then); `dense` always runs in batches."""
+    """Teacher-forced comparison of one model dense and sparse (`set_sparse` switches; one
+    instance, so a large model is held once) on `texts`, each in windows of `window` tokens from
+    an empty cache, until max_tokens tokens have been evaluated. The model needs
+    ``logits_all=True`` and a context of at least `window`. `decode` evaluates the sparse side
+    one token at a time, as generation does (the sparse FFN with its predictors runs only then);
+    the dense side runs in batches."""
     sums, positions, seen = np.zeros(5), 0, 0
     for text in texts:
-        tokens = dense.tokenize(text.encode("utf-8", "replace"))
+        tokens = llm.tokenize(text.encode("utf-8", "replace"))
         for start in range(0, len(tokens), window):
             chunk = tokens[start:start + window][: max_tokens - seen]
             if len(chunk) < 2:
                 break
-            reference = _logits32(dense, chunk[:-1])
-            stats = _window_stats(reference, _logits32(sparse, chunk[:-1], decode), np.asarray(chunk[1:]))
+            set_sparse(False)
+            reference = _logits32(llm, chunk[:-1])
+            set_sparse(True)
+            stats = _window_stats(reference, _logits32(llm, chunk[:-1], decode), np.asarray(chunk[1:]))
             sums[:4] += stats[:4]
             sums[4] = max(sums[4], stats[4])
             positions += len(chunk) - 1
@@ -135,6 +138,7 @@ def sparse_cost(dense: llama_cpp.Llama, sparse: llama_cpp.Llama, texts: Iterable
                 break
         if seen >= max_tokens:
             break
+    set_sparse(False)
     if positions == 0:
         raise ValueError("the text produced no tokens to compare")
     n = float(positions)
@@ -153,14 +157,15 @@ def _logits32(llm: llama_cpp.Llama, tokens: Sequence[int], one_at_a_time: bool =
 SPARSE_MODES = ("predicted", "oracle", "emulate")
 
 
-def open_dense_and_sparse(model: str, mode: str = "predicted", *, source: Optional[str] = None,
-                          **kwargs: Any) -> tuple[Any, Any]:
-    """Two instances of a converted model: dense (``sparse=False``), and sparse by `mode`:
-    "predicted" (the sparse engine as it decodes, ``sparse=True``) or "oracle" (the engine
-    computing every gate row: the thresholds alone). "emulate" opens `source`, the GGUF the model
-    was converted from, twice: as it is, and with each thresholded layer's activation zeroed
-    where |f(gate)| is at or below the converted file's threshold, through the profiler's
-    cb_eval hook: the thresholds alone, independently of the bundles and of the sparse engine."""
+def open_sparse_switch(model: str, mode: str = "predicted", *, source: Optional[str] = None,
+                       **kwargs: Any) -> tuple[Any, Callable[[bool], None]]:
+    """A converted model opened dense, and a switch to its sparse side by `mode`: "predicted"
+    (the sparse engine as it decodes, ``sparse_mode`` "predicted"), "oracle" (the engine
+    computing every gate row: the thresholds alone), or "emulate": the dense engine with each
+    thresholded layer's activation zeroed where |f(gate)| is at or below the file's threshold,
+    through the profiler's cb_eval hook (the thresholds alone, independently of the sparse
+    engine; off, the hook only observes). With `source`, the GGUF the model was converted from,
+    emulation runs that instead: independent of the bundles too."""
     from .format import THRESHOLDED, FormatError, PowerInferFile, fingerprint
     from .llama import Llama
 
@@ -168,20 +173,28 @@ def open_dense_and_sparse(model: str, mode: str = "predicted", *, source: Option
         raise ValueError(f"unknown mode {mode!r}; one of {', '.join(SPARSE_MODES)}")
     kwargs = {"logits_all": True, "verbose": False, **kwargs}
     if mode != "emulate":
-        dense = Llama(model, sparse=False, **kwargs)
-        return dense, Llama(model, sparse=True if mode == "predicted" else mode, **kwargs)
+        llm = Llama(model, sparse=False, **kwargs)
+
+        def set_mode(on: bool) -> None:
+            llm.sparse_mode = mode if on else "off"
+
+        return llm, set_mode
     from .profile import native_profiler
 
     pf = PowerInferFile.open(model)
-    if source is None:
-        raise ValueError("emulation runs the source model: give the GGUF it was converted from")
-    if fingerprint(source) != pf.source_fingerprint:
+    if source is not None and fingerprint(source) != pf.source_fingerprint:
         raise FormatError(f"{source} is not the model {model} was converted from")
     thresholds = {L.layer: t for L, act, t in zip(pf.layers, pf.activations, pf.activation_thresholds)
                   if act in THRESHOLDED}
     if not thresholds:
         raise ValueError(f"{model}: no thresholded (silu_threshold / gelu_threshold) layers to emulate")
-    profiler = native_profiler(source, thresholds=thresholds, emulate=True)
-    sparse = Llama(source, eval_callback=(profiler.callback_address, profiler.user_data), **kwargs)
-    sparse._powerinfer_emulator = profiler  # the callback's data lives as long as the model
-    return Llama(source, **kwargs), sparse
+    run = source if source is not None else model
+    dense = {} if source is not None else {"sparse": False}  # a plain GGUF has no sparse mode
+    profiler = native_profiler(run, thresholds=thresholds)
+    llm = Llama(run, eval_callback=(profiler.callback_address, profiler.user_data), **dense, **kwargs)
+    llm._powerinfer_emulator = profiler  # the callback's data lives as long as the model
+
+    def set_emulate(on: bool) -> None:
+        profiler.emulate = on
+
+    return llm, set_emulate

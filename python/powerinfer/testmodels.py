@@ -1,15 +1,17 @@
 """Synthetic llama-architecture GGUF models with planted activation sparsity.
 
 The files load in stock llama.cpp. They are written tensor by tensor, so a 7B-class file needs
-only one tensor's worth of memory. How sparsity is planted (see docs/test-models.md):
+only about one FFN matrix of memory. How sparsity is planted (see docs/test-models.md):
 
-* Hidden dimension 0 is a *bias channel*: every token embedding holds the constant ``B0`` there
-  and no layer writes to it, so after RMSNorm it stays near ``sqrt(n_embd/2)``.
-* Column 0 of gate row ``i`` is ``b_i / sqrt(n_embd/2)``: the gate pre-activation of neuron ``i``
-  is ``b_i + z_i`` with ``z_i`` roughly ``N(0, 1/2)``. Neuron ``i`` fires (``> 0``) with
-  probability ``P_i = Phi(b_i / sigma)``.
-* ``P_i`` follows a power law over a random ranking of neurons: ``P_i = min(0.99, c * r_i^-skew)``
-  with ``c`` set so that the mean is the requested active fraction. ``skew=0`` is uniform.
+* Hidden dimension 0 is a *bias channel*: every token embedding holds the constant
+  ``sqrt(n_embd)`` there and no layer writes to it (nor reads it, but for the gate).
+* Each neuron ``i`` of each layer has a planted firing probability ``P_i``: a power law over a
+  random ranking, ``P_i = min(0.99, c * r_i^-skew)``, with ``c`` set so that the mean is the
+  requested active fraction. ``skew=0`` is uniform.
+* Column 0 of gate row ``i`` (what multiplies the bias channel) is its threshold, calibrated so
+  that the gate pre-activation is > 0 with probability ``P_i``: the generator pushes a batch of
+  random token sequences through each layer in numpy as it writes it (``_Stream``), so the
+  threshold accounts for the input that layer really sees, which changes with depth.
 * Token-to-token locality: queries and keys are near zero, so attention averages the past; the
   attention output is scaled by ``locality``, mixing a slowly varying history into each token.
 * Anisotropy: embedding dimension k (k >= 1) has variance ~ k^-spectrum_decay (mean 1), as hidden
@@ -148,6 +150,12 @@ def _quantize(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.quantize(rows.astype(np.float32), qtype)
 
 
+def _dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return data.astype(np.float32)
+    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+
+
 def _tensor_nbytes(shape: tuple[int, int], qtype: gguf.GGMLQuantizationType) -> int:
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = shape
@@ -162,16 +170,100 @@ class _TensorPlan:
     shape: tuple[int, ...]  # numpy (row-major) shape
     qtype: gguf.GGMLQuantizationType
     make: Callable[[], np.ndarray]  # float32 values
+    # sees the values as stored (after quantization); called before the next tensor is made
+    observe: Callable[[np.ndarray], None] | None = None
 
 
-def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsity,
+# The simulated batch: random tokens in causal sequences, long enough for attention's history
+# average to settle and for per-neuron statistics (256 samples) to be accurate to a few percent.
+SIM_SEQUENCES = 4
+SIM_LENGTH = 64
+_RMS_EPS = 1e-5
+
+
+def _rms_norm(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + _RMS_EPS)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for the large sharpened gate values
+
+
+class _Stream:
+    """The residual stream of a batch of token sequences, advanced in numpy through each layer as
+    the layer is written (llama graph with uniform causal attention: queries and keys are ~0).
+
+    A layer's FFN input is not what the first layer sees: attention and FFN outputs add to every
+    hidden dimension but the bias channel, so after RMSNorm the bias channel shrinks with depth
+    and each gate row sees the rest of its input with its own mean and spread. Calibrating each
+    layer's gate against the simulated input keeps the planted firing probabilities in every
+    layer; without it the 1b preset drifted from 11% active in layer 0 to 31% in layer 15."""
+
+    def __init__(self, n_seq: int, n_head: int, n_head_kv: int) -> None:
+        self.n_seq = n_seq
+        self.n_head, self.n_head_kv = n_head, n_head_kv
+        self.x = self._values = self._xn = self._gate = self._up = np.zeros(0, np.float32)
+
+    def start(self, embeddings: np.ndarray) -> None:
+        """The sequences' token embeddings, (n_seq * length, n_embd) in sequence order."""
+        self.x = embeddings.astype(np.float32)
+
+    def set_values(self, wv: np.ndarray) -> None:
+        self._values = _rms_norm(self.x) @ wv.T  # attn_norm.weight is 1
+
+    def add_attention(self, wo: np.ndarray) -> None:
+        tokens, n = self.x.shape
+        length = tokens // self.n_seq
+        v = self._values.reshape(self.n_seq, length, -1)
+        history = np.cumsum(v, axis=1) / np.arange(1, length + 1, dtype=np.float32)[None, :, None]
+        head_dim = v.shape[2] // self.n_head_kv
+        grouped = history.reshape(self.n_seq, length, self.n_head_kv, 1, head_dim)
+        heads = np.broadcast_to(grouped, (self.n_seq, length, self.n_head_kv,
+                                          self.n_head // self.n_head_kv, head_dim))
+        self.x += heads.reshape(tokens, n) @ wo.T
+        self._xn = _rms_norm(self.x)  # ffn_norm.weight is 1
+
+    def ffn_input(self) -> np.ndarray:
+        return self._xn
+
+    def set_gate(self, wg: np.ndarray) -> None:
+        self._gate = self._xn @ wg.T
+
+    def set_up(self, wu: np.ndarray) -> None:
+        self._up = self._xn @ wu.T
+
+    def add_ffn(self, wd: np.ndarray) -> None:
+        g = self._gate
+        self.x += (g * _sigmoid(g) * self._up) @ wd.T  # what stock llama.cpp computes
+
+
+def layer_firing_probabilities(n_ff: int, sparsity: Sparsity, seed: int, layer: int) -> np.ndarray:
+    """The per-neuron firing probabilities planted in `layer` of a model written with `seed`."""
+    rng = np.random.default_rng([seed, layer])
+    return firing_probabilities(n_ff, sparsity.active_fraction, sparsity.skew, rng)
+
+
+def calibrate_bias_column(z: np.ndarray, bias_channel: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Column 0 of the gate, per neuron: the c_i with P(c_i * a + z_i > 0) = probs_i, where `z`
+    (tokens, n_ff) is the rest of each gate pre-activation and `bias_channel` (tokens,) the FFN
+    input's dimension 0 (a > 0). c_i * a + z_i > 0 iff c_i > -z_i / a; -z_i / a is fitted by a
+    normal distribution over the sampled tokens (an empirical quantile is too noisy in the tails)."""
+    u = -z / bias_channel[:, None]
+    inv = statistics.NormalDist().inv_cdf
+    quantiles = np.array([inv(float(q)) for q in probs], dtype=np.float64)
+    return (u.mean(axis=0, dtype=np.float64) + u.std(axis=0, dtype=np.float64) * quantiles).astype(np.float32)
+
+
+def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsity, seed: int,
           rng: np.random.Generator) -> Iterator[_TensorPlan]:
+    """The tensors in file order. make() and observe() must run in that order: each layer's gate
+    is calibrated against the simulated stream that the layers before it produce."""
     n, f = shape.n_embd, shape.n_ff
     head_dim = n // shape.n_head
     n_kv = head_dim * shape.n_head_kv
     f32 = gguf.GGMLQuantizationType.F32
-    x0 = math.sqrt(n / 2.0)   # the bias channel after RMSNorm
-    sigma = math.sqrt(0.5)    # std of the rest of a gate pre-activation
+    sample_tokens = rng.integers(0, shape.n_vocab, SIM_SEQUENCES * SIM_LENGTH)
+    stream = _Stream(SIM_SEQUENCES, shape.n_head, shape.n_head_kv)
 
     def normal(rows: int, cols: int, std: float) -> np.ndarray:
         return rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std)
@@ -185,6 +277,8 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
         e = normal(shape.n_vocab, n, 1.0)
         e[:, 1:] *= spectrum
         e[:, 0] = math.sqrt(n)
+        # the sampled rows as stored (rows quantize independently): no dequantized copy of all
+        stream.start(_dequantize(_quantize(e[sample_tokens], wtype), wtype))
         return e
 
     def ones() -> np.ndarray:
@@ -195,11 +289,11 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
         p = f"blk.{il}."
 
         def gate(il: int = il) -> np.ndarray:
-            probs = firing_probabilities(f, sparsity.active_fraction, sparsity.skew, rng)
-            inv = statistics.NormalDist().inv_cdf
-            bias = np.array([sigma * inv(float(q)) for q in probs], dtype=np.float32)
             w = normal(f, n, 1.0 / math.sqrt(n))
-            w[:, 0] = bias / x0
+            w[:, 0] = 0.0
+            xn = stream.ffn_input()  # this layer's FFN input, simulated
+            probs = layer_firing_probabilities(f, sparsity, seed, il)
+            w[:, 0] = calibrate_bias_column(xn @ w.T, xn[:, 0], probs)
             return w * np.float32(RELU_SHARPNESS)
 
         def wo() -> np.ndarray:
@@ -212,15 +306,28 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
             w[0, :] = 0.0
             return w
 
+        # Values and up projections ignore the bias channel (column 0 is zero): it would add the
+        # same vector to every token in every layer, a shared offset that crowds out the
+        # token-dependent part of deeper layers' inputs. It feeds only the gate thresholds.
+        def wv() -> np.ndarray:
+            w = normal(n_kv, n, 1.0 / math.sqrt(n))
+            w[:, 0] = 0.0
+            return w
+
+        def up() -> np.ndarray:
+            w = normal(f, n, 1.0 / (RELU_SHARPNESS * math.sqrt(n)))
+            w[:, 0] = 0.0
+            return w
+
         yield _TensorPlan(p + "attn_norm.weight", (n,), f32, ones)
         yield _TensorPlan(p + "attn_q.weight", (n, n), wtype, lambda: normal(n, n, 0.1 / math.sqrt(n)))
         yield _TensorPlan(p + "attn_k.weight", (n_kv, n), wtype, lambda: normal(n_kv, n, 0.1 / math.sqrt(n)))
-        yield _TensorPlan(p + "attn_v.weight", (n_kv, n), wtype, lambda: normal(n_kv, n, 1.0 / math.sqrt(n)))
-        yield _TensorPlan(p + "attn_output.weight", (n, n), wtype, wo)
+        yield _TensorPlan(p + "attn_v.weight", (n_kv, n), wtype, wv, stream.set_values)
+        yield _TensorPlan(p + "attn_output.weight", (n, n), wtype, wo, stream.add_attention)
         yield _TensorPlan(p + "ffn_norm.weight", (n,), f32, ones)
-        yield _TensorPlan(p + "ffn_gate.weight", (f, n), wtype, gate)
-        yield _TensorPlan(p + "ffn_up.weight", (f, n), wtype, lambda: normal(f, n, 1.0 / (RELU_SHARPNESS * math.sqrt(n))))
-        yield _TensorPlan(p + "ffn_down.weight", (n, f), wtype, down)
+        yield _TensorPlan(p + "ffn_gate.weight", (f, n), wtype, gate, stream.set_gate)
+        yield _TensorPlan(p + "ffn_up.weight", (f, n), wtype, up, stream.set_up)
+        yield _TensorPlan(p + "ffn_down.weight", (n, f), wtype, down, stream.add_ffn)
     yield _TensorPlan("output_norm.weight", (n,), f32, ones)
     # a large logit scale gives clear greedy margins, so float noise cannot flip a token
     yield _TensorPlan("output.weight", (shape.n_vocab, n), wtype, lambda: normal(shape.n_vocab, n, 8.0 / math.sqrt(n)))
@@ -274,7 +381,7 @@ def write_test_model(path: str | os.PathLike[str], *, preset: str = "tiny", wtyp
     w.add_float32("powerinfer.synthetic.spectrum_decay", sparsity.spectrum_decay)
     w.add_uint32("powerinfer.synthetic.seed", seed)
 
-    plans = list(_plan(shape, qtype, sparsity, rng))
+    plans = list(_plan(shape, qtype, sparsity, seed, rng))
     for t in plans:
         if len(t.shape) == 1:
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.shape[0] * 4)
@@ -293,7 +400,11 @@ def write_test_model(path: str | os.PathLike[str], *, preset: str = "tiny", wtyp
         w.write_ti_data_to_file()
         for i, t in enumerate(plans):
             values = t.make()
-            w.write_tensor_data(_quantize(values, t.qtype) if values.ndim == 2 else values)
+            data = _quantize(values, t.qtype) if values.ndim == 2 else values
+            del values  # one matrix of memory at a time
+            if t.observe is not None:
+                t.observe(_dequantize(data, t.qtype))
+            w.write_tensor_data(data)
             if progress is not None:
                 progress(i + 1, len(plans))
         w.close()
