@@ -167,6 +167,7 @@ def open_dense_and_sparse(model: str, *, emulate: bool = False, **kwargs: Any) -
     if not thresholds:
         raise ValueError(f"{model}: no thresholded (silu_threshold / gelu_threshold) layers to emulate")
     profiler = native_profiler(model, thresholds=thresholds, emulate=True)
-    sparse = Llama(model, eval_callback=(profiler.callback_address, profiler.user_data), **kwargs)
+    # both dense: the emulation zeroes activations itself, the engine must not threshold them too
+    sparse = Llama(model, eval_callback=(profiler.callback_address, profiler.user_data), sparse=False, **kwargs)
     sparse._powerinfer_emulator = profiler  # the callback's data lives as long as the model
-    return Llama(model, **kwargs), sparse
+    return Llama(model, sparse=False, **kwargs), sparse
