@@ -92,6 +92,9 @@ static bool read_predictors(const struct gguf_context * gguf, uint64_t region, u
     const int64_t k_frac = gguf_find_key(gguf, "powerinfer.predictor.predicted_fraction");
     const float * fractions = k_frac >= 0 && gguf_get_arr_type(gguf, k_frac) == GGUF_TYPE_FLOAT32 &&
                               (int64_t) gguf_get_arr_n(gguf, k_frac) == n ? (const float *) gguf_get_arr_data(gguf, k_frac) : nullptr;
+    const int64_t k_rec = gguf_find_key(gguf, "powerinfer.predictor.recall");
+    const float * recalls = k_rec >= 0 && gguf_get_arr_type(gguf, k_rec) == GGUF_TYPE_FLOAT32 &&
+                            (int64_t) gguf_get_arr_n(gguf, k_rec) == n ? (const float *) gguf_get_arr_data(gguf, k_rec) : nullptr;
     char what[256];
     for (int64_t i = 0; i < n; i++) {
         pi_bundle_layer * L = layer[i] < index->by_block.size() && index->by_block[layer[i]] >= 0
@@ -108,6 +111,7 @@ static bool read_predictors(const struct gguf_context * gguf, uint64_t region, u
         P.bias_offset = pad_to(P.fc2_offset + 2 * (uint64_t) (P.rank * L->n_ff), PI_IO_ALIGN);
         P.threshold   = thresholds[i];
         P.predicted_fraction = fractions != nullptr ? fractions[i] : 0.0f;
+        P.recall = recalls != nullptr ? recalls[i] : 1.0f;
         if (P.bias_offset + 4 * (uint64_t) L->n_ff > file_size) {
             snprintf(what, sizeof(what), "truncated PowerInfer file: the predictor of layer %d ends past its end", L->layer);
             *err = what;
@@ -226,12 +230,17 @@ uint64_t pi_bundle_updown_half_offset(const pi_bundle_layer * L, int64_t c) {
 // ggml's gate matmul plus sparse up/down ran the FFN in 108 ms per token, predictors on the
 // layers that predict 40-60% of their neurons in 114 ms).
 static const double PI_GATHER_SPEED = 0.4;
+// Held-out recall below which the default mode does not use a layer's predictor.
+static const float PI_MIN_RECALL = 0.95f;
 
 bool pi_predictor_worth_it(const pi_bundle_layer * L) {
     const pi_bundle_predictor & P = L->predictor;
     const double predictor_bytes = 2.0 * L->n_embd * P.rank + 0.5 * 2.0 * P.rank * L->n_ff + 4.0 * L->n_ff;
     const double gate_bytes = (double) L->gate_row * L->n_ff;
-    return P.rank > 0 && predictor_bytes + P.predicted_fraction * gate_bytes < PI_GATHER_SPEED * gate_bytes;
+    // a predictor that misses many active neurons (an imported one made for other text, say)
+    // would change the model's output: every gate row instead
+    return P.rank > 0 && P.recall >= PI_MIN_RECALL &&
+           predictor_bytes + P.predicted_fraction * gate_bytes < PI_GATHER_SPEED * gate_bytes;
 }
 
 bool pi_bundle_read_predictor(pi_file * file, const pi_bundle_layer * L, uint16_t * fc1, uint16_t * fc2, float * bias,

@@ -34,6 +34,7 @@ struct pi_bundle_predictor {
     uint64_t bias_offset = 0; // n_ff F32
     float    threshold   = 0.0f;
     float    predicted_fraction = 0.0f; // measured on held-out text at conversion (0: unknown)
+    float    recall = 1.0f;             // of truly active neurons, measured likewise (1: unknown)
 };
 
 // Whether a layer's predictor saves time over computing every gate row with ggml's matmul: it

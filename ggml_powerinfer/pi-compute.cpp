@@ -345,7 +345,8 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
     if ((int) ctx->node_copies.size() < n_nodes) {
         ctx->node_copies.resize(n_nodes); // no reallocation below: cpu_nodes points into it
     }
-    const size_t custom_size = (size_t) n_nodes * ggml_tensor_overhead();
+    // a node may become up to three custom ops (a sparse layer's down): room for all of them
+    const size_t custom_size = (size_t) (3 * n_nodes + 8) * ggml_tensor_overhead();
     if (ctx->custom_mem.size() < custom_size) {
         ctx->custom_mem.resize(custom_size);
     }

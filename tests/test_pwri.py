@@ -68,7 +68,9 @@ def test_imported_model_generates_like_the_source(synthetic_models: dict[str, Pa
     kw = dict(n_ctx=128, n_threads=THREADS, verbose=False)
     stock = llama_cpp.Llama(str(synthetic_models["q8_0"]), **kw)
     want = stock.create_completion("The quick", max_tokens=12, temperature=0)["choices"][0]["text"]
-    pi = powerinfer.Llama(imported.path, **kw)
+    # dense: the imported bundles are the source model (its synthetic SVD predictors are not
+    # meant to be good; their held-out quality is what `inspect` reports)
+    pi = powerinfer.Llama(imported.path, sparse=False, **kw)
     assert pi.create_completion("The quick", max_tokens=12, temperature=0)["choices"][0]["text"] == want
 
 

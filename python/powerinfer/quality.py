@@ -189,7 +189,9 @@ def open_sparse_switch(model: str, mode: str = "predicted", *, source: Optional[
     if not thresholds:
         raise ValueError(f"{model}: no thresholded (silu_threshold / gelu_threshold) layers to emulate")
     run = source if source is not None else model
-    dense = {} if source is not None else {"sparse": False}  # a plain GGUF has no sparse mode
+    # dense: the emulation zeroes activations itself, the engine must not threshold them too (a
+    # plain GGUF has no sparse mode)
+    dense = {} if source is not None else {"sparse": False}
     profiler = native_profiler(run, thresholds=thresholds)
     llm = Llama(run, eval_callback=(profiler.callback_address, profiler.user_data), **dense, **kwargs)
     llm._powerinfer_emulator = profiler  # the callback's data lives as long as the model
