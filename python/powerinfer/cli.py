@@ -262,6 +262,7 @@ def _cmd_sparse_quality(args: argparse.Namespace) -> int:
     finally:
         llm.close()
     how = {"predicted": "sparse decode (predictors where they save work)",
+           "predictor": "sparse decode, every layer's predictor used",
            "oracle": "sparse decode, every gate row computed (thresholds alone)",
            "emulate": "thresholds applied to the dense engine through cb_eval (thresholds alone)"}[args.mode]
     print(f"{args.model}: {how}, {c.tokens} held-out positions: perplexity dense {c.perplexity_dense:.4f}, "
@@ -479,9 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one converted model, and the sparse model's top-1 agreement and KL "
                                    "divergence with dense, teacher-forced.")
     p.add_argument("model", help="a PowerInfer model from `powerinfer convert`")
-    p.add_argument("--mode", choices=("predicted", "oracle", "emulate"), default="predicted",
-                   help="the sparse side: predicted (decode as generation runs it, default), oracle (every "
-                        "gate row computed), emulate (the dense engine with thresholded-out activations "
+    p.add_argument("--mode", choices=("predicted", "predictor", "oracle", "emulate"), default="predicted",
+                   help="the sparse side: predicted (decode as generation runs it, default), predictor (every "
+                        "layer's predictor used), oracle (every gate row computed), emulate (the dense engine with thresholded-out activations "
                         "zeroed, batched: quick, and independent of the sparse engine)")
     p.add_argument("--source", default=None,
                    help="--mode emulate: run the GGUF the model was converted from, with its thresholds")

@@ -154,14 +154,15 @@ def _logits32(llm: llama_cpp.Llama, tokens: Sequence[int], one_at_a_time: bool =
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
-SPARSE_MODES = ("predicted", "oracle", "emulate")
+SPARSE_MODES = ("predicted", "predictor", "oracle", "emulate")
 
 
 def open_sparse_switch(model: str, mode: str = "predicted", *, source: Optional[str] = None,
                        **kwargs: Any) -> tuple[Any, Callable[[bool], None]]:
     """A converted model opened dense, and a switch to its sparse side by `mode`: "predicted"
-    (the sparse engine as it decodes, ``sparse_mode`` "predicted"), "oracle" (the engine
-    computing every gate row: the thresholds alone), or "emulate": the dense engine with each
+    (the sparse engine as it decodes, ``sparse_mode`` "predicted"), "predictor" (every layer's
+    predictor used), "oracle" (the engine computing every gate row: the thresholds alone), or
+    "emulate": the dense engine with each
     thresholded layer's activation zeroed where |f(gate)| is at or below the file's threshold,
     through the profiler's cb_eval hook (the thresholds alone, independently of the sparse
     engine; off, the hook only observes). With `source`, the GGUF the model was converted from,
