@@ -252,6 +252,8 @@ public:
     uintptr_t callback_address() const { return (uintptr_t) &pi_profiler_eval_callback; }
     uintptr_t user_data() const { return (uintptr_t) p_; }
     int n_layers() const { return (int) p_->layers.size(); }
+    bool emulate() const { return p_->emulate; }
+    void set_emulate(bool on) { p_->emulate = on; } // between evaluations only
 
     py::dict layer(int il) const {
         if (il < 0 || il >= (int) p_->layers.size()) {
@@ -358,6 +360,7 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("callback_address", &Profiler::callback_address)
         .def_property_readonly("user_data", &Profiler::user_data)
         .def_property_readonly("n_layers", &Profiler::n_layers)
+        .def_property("emulate", &Profiler::emulate, &Profiler::set_emulate)
         .def("layer", &Profiler::layer, py::arg("il"));
 
     py::class_<ModelSlot>(m, "ModelSlot")

@@ -20,6 +20,7 @@ from powerinfer.calibration import calibration_texts
 from powerinfer.predictor import evaluate, train_predictor
 from powerinfer.profile import (ModelProfile, calibrate_thresholds, fraction_at_or_below, profile_model,
                                 quantile_of_histogram)
+from powerinfer.quality import SparseCost
 
 
 @given(sigma=st.floats(0.3, 4.0), mu=st.floats(-20.0, 5.0), n=st.integers(2000, 20000),
@@ -176,30 +177,58 @@ def test_cli_profile_then_convert(synthetic_models: dict[str, Path], tmp_path: P
     assert all(abs(s - 0.6) < 0.06 for s in pf.activation_sparsity)
 
 
-def test_emulated_sparse_decode(synthetic_models: dict[str, Path], silu_profiles: dict[str, ModelProfile],
-                                tmp_path: Path) -> None:
-    """Zeroing thresholded-out activations through the observer: at threshold 0 nothing changes
-    (bit for bit); past the model's planted ReLU sparsity (90%) the logits move. (At 50% they do
-    not: this model's |silu(gate)| median is ~1e-29.)"""
-    from powerinfer.quality import open_dense_and_sparse, sparse_cost
-
-    src, train = synthetic_models["f16"], silu_profiles["train"]
+@pytest.fixture(scope="module")
+def deep_silu(synthetic_models: dict[str, Path], silu_profiles: dict[str, ModelProfile],
+              tmp_path_factory: pytest.TempPathFactory) -> fmt.PowerInferFile:
+    """The F16 model as silu_threshold at 97%: past its planted ReLU sparsity (90%), so the
+    thresholds cut real activations. (At 50% they would not: its |silu(gate)| median is ~1e-29.)"""
+    train = silu_profiles["train"]
     deep = {il: layer.calibrate_threshold(0.97) for il, layer in enumerate(silu_profiles["calibration"].layers)}
-    costs = {}
-    for name, thresholds in (("zero", {il: 0.0 for il in range(4)}), ("deep", deep)):
-        pf = fmt.convert(src, tmp_path / f"{name}.gguf", train.frequencies(), activation="silu_threshold",
-                         thresholds=thresholds)
-        dense, sparse = open_dense_and_sparse(pf.path, emulate=True, n_ctx=128, n_threads=THREADS)
-        costs[name] = sparse_cost(dense, sparse, calibration_texts(part="held_out"), max_tokens=256, window=128)
-        dense.close()
-        sparse.close()
-    assert costs["zero"].kl_max == 0.0 and costs["zero"].top1 == 1.0
-    assert costs["zero"].perplexity_sparse == costs["zero"].perplexity_dense
-    assert costs["deep"].kl_mean > 0.0 and costs["deep"].top1 < 1.0
-    assert costs["deep"].tokens == costs["zero"].tokens > 200
+    out = tmp_path_factory.mktemp("deep") / "deep.gguf"
+    return fmt.convert(synthetic_models["f16"], out, train.frequencies(), activation="silu_threshold", thresholds=deep)
+
+
+def _cost(path: str, mode: str, source: Path | None = None) -> SparseCost:
+    from powerinfer.quality import open_sparse_switch, sparse_cost
+
+    llm, set_sparse = open_sparse_switch(path, mode, source=None if source is None else str(source), n_ctx=128,
+                                         n_threads=THREADS)
+    try:
+        return sparse_cost(llm, set_sparse, calibration_texts(part="held_out"), max_tokens=256, window=128,
+                           decode=mode != "emulate")
+    finally:
+        llm.close()
+
+
+def test_emulated_thresholds(synthetic_models: dict[str, Path], silu_profiles: dict[str, ModelProfile],
+                             deep_silu: fmt.PowerInferFile, tmp_path: Path) -> None:
+    """Zeroing thresholded-out activations through the observer: at threshold 0 nothing changes
+    (bit for bit); at 97% the logits move, on the converted file as on its (F16) source."""
+    from powerinfer.quality import open_sparse_switch
+
+    zero = fmt.convert(synthetic_models["f16"], tmp_path / "zero.gguf", silu_profiles["train"].frequencies(),
+                       activation="silu_threshold", thresholds={il: 0.0 for il in range(4)})
+    src = synthetic_models["f16"]
+    unchanged, deep, on_source = _cost(zero.path, "emulate"), _cost(deep_silu.path, "emulate"), \
+        _cost(deep_silu.path, "emulate", src)
+    assert unchanged.kl_max == 0.0 and unchanged.top1 == 1.0
+    assert unchanged.perplexity_sparse == unchanged.perplexity_dense
+    assert deep.kl_mean > 0.0 and deep.top1 < 1.0 and deep.tokens == unchanged.tokens > 200
+    assert abs(math.log(on_source.perplexity_sparse / deep.perplexity_sparse)) < 0.01
+    relu = fmt.convert(synthetic_models["f16"], tmp_path / "relu.gguf", silu_profiles["train"].frequencies())
     with pytest.raises(ValueError, match="no thresholded"):
-        relu = fmt.convert(src, tmp_path / "relu.gguf", train.frequencies())
-        open_dense_and_sparse(relu.path, emulate=True, n_ctx=128)
+        open_sparse_switch(relu.path, "emulate", n_ctx=128)
+    with pytest.raises(fmt.FormatError, match="not the model"):
+        open_sparse_switch(deep_silu.path, "emulate", source=str(synthetic_models["q8_0"]), n_ctx=128)
+
+
+def test_sparse_engine_applies_the_thresholds(deep_silu: fmt.PowerInferFile) -> None:
+    """The sparse engine's oracle decode (every gate row, |silu(g)| > t) costs what the
+    emulation measures: two implementations of the same thresholded activation."""
+    emulated, oracle = _cost(deep_silu.path, "emulate"), _cost(deep_silu.path, "oracle")
+    assert oracle.kl_mean > 0.0 and oracle.tokens == emulated.tokens
+    assert abs(math.log(oracle.perplexity_sparse / emulated.perplexity_sparse)) < 0.02
+    assert abs(oracle.top1 - emulated.top1) < 0.03
 
 
 def test_gemma_calibration(gemma_path: Path) -> None:

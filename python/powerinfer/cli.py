@@ -217,7 +217,7 @@ def _convert(args: argparse.Namespace, model: str, pwri_source: str | None = Non
     if target is not None:
         print(f"powerinfer: {activation} layers thresholded for {target:.0%} sparsity. What that costs depends on "
               f"the model (Gemma 3 270M at 50%: +27% perplexity); measure it with `powerinfer sparse-quality "
-              f"{args.output} --emulate`, choose with --target-sparsity.", file=sys.stderr)
+              f"{args.output}`, choose with --target-sparsity.", file=sys.stderr)
     return 0
 
 
@@ -250,18 +250,21 @@ def _cmd_sparse_quality(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .calibration import calibration_texts
-    from .quality import open_dense_and_sparse, sparse_cost
+    from .quality import open_sparse_switch, sparse_cost
 
-    dense, sparse = open_dense_and_sparse(args.model, emulate=args.emulate, n_ctx=args.ctx_size,
-                                          n_threads=args.threads, n_threads_batch=args.threads)
+    llm, set_sparse = open_sparse_switch(args.model, args.mode, source=args.source, n_ctx=args.ctx_size,
+                                         n_threads=args.threads, n_threads_batch=args.threads)
     try:
         with tqdm(total=args.tokens, unit="tok", desc="comparing", disable=args.quiet) as bar:
-            c = sparse_cost(dense, sparse, calibration_texts(args.calibration, part="held_out"),
-                            max_tokens=args.tokens, window=args.ctx_size, progress=bar.update)
+            c = sparse_cost(llm, set_sparse, calibration_texts(args.calibration, part="held_out"),
+                            max_tokens=args.tokens, window=args.ctx_size, decode=args.mode != "emulate",
+                            progress=bar.update)
     finally:
-        dense.close()
-        sparse.close()
-    how = "emulated (thresholds applied to the dense engine, perfect predictor)" if args.emulate else "sparse engine"
+        llm.close()
+    how = {"predicted": "sparse decode (predictors where they save work)",
+           "predictor": "sparse decode, every layer's predictor used",
+           "oracle": "sparse decode, every gate row computed (thresholds alone)",
+           "emulate": "thresholds applied to the dense engine through cb_eval (thresholds alone)"}[args.mode]
     print(f"{args.model}: {how}, {c.tokens} held-out positions: perplexity dense {c.perplexity_dense:.4f}, "
           f"sparse {c.perplexity_sparse:.4f} ({c.perplexity_sparse / c.perplexity_dense - 1:+.2%}); "
           f"top-1 agreement {c.top1:.4f}; KL mean {c.kl_mean:.3g} max {c.kl_max:.3g} nats")
@@ -477,9 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one converted model, and the sparse model's top-1 agreement and KL "
                                    "divergence with dense, teacher-forced.")
     p.add_argument("model", help="a PowerInfer model from `powerinfer convert`")
-    p.add_argument("--emulate", action="store_true",
-                   help="sparse = the dense engine with thresholded-out activations zeroed (a perfect "
-                        "predictor; needs no sparse engine)")
+    p.add_argument("--mode", choices=("predicted", "predictor", "oracle", "emulate"), default="predicted",
+                   help="the sparse side: predicted (decode as generation runs it, default), predictor (every "
+                        "layer's predictor used), oracle (every gate row computed), emulate (the dense engine with thresholded-out activations "
+                        "zeroed, batched: quick, and independent of the sparse engine)")
+    p.add_argument("--source", default=None,
+                   help="--mode emulate: run the GGUF the model was converted from, with its thresholds")
     p.add_argument("--calibration", default=None, help="text file whose held-out part is used (default: "
                                                        "stdlib docstrings)")
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate (default 4096)")

@@ -108,20 +108,26 @@ def _window_stats(dense: np.ndarray, sparse: np.ndarray, targets: np.ndarray, ro
     return out
 
 
-def sparse_cost(dense: llama_cpp.Llama, sparse: llama_cpp.Llama, texts: Iterable[str], *, max_tokens: int = 4096,
-                window: int = 256, progress: Optional[Callable[[int], None]] = None) -> SparseCost:
-    """Teacher-forced comparison of two instances of one model (`dense`, `sparse`; both with
-    ``logits_all=True`` and a context of at least `window`) on `texts`, each in windows of
-    `window` tokens from an empty cache, until max_tokens tokens have been evaluated."""
+def sparse_cost(llm: llama_cpp.Llama, set_sparse: Callable[[bool], None], texts: Iterable[str], *,
+                max_tokens: int = 4096, window: int = 256, decode: bool = False,
+                progress: Optional[Callable[[int], None]] = None) -> SparseCost:
+    """Teacher-forced comparison of one model dense and sparse (`set_sparse` switches; one
+    instance, so a large model is held once) on `texts`, each in windows of `window` tokens from
+    an empty cache, until max_tokens tokens have been evaluated. The model needs
+    ``logits_all=True`` and a context of at least `window`. `decode` evaluates the sparse side
+    one token at a time, as generation does (the sparse FFN with its predictors runs only then);
+    the dense side runs in batches."""
     sums, positions, seen = np.zeros(5), 0, 0
     for text in texts:
-        tokens = dense.tokenize(text.encode("utf-8", "replace"))
+        tokens = llm.tokenize(text.encode("utf-8", "replace"))
         for start in range(0, len(tokens), window):
             chunk = tokens[start:start + window][: max_tokens - seen]
             if len(chunk) < 2:
                 break
-            reference = logits32(dense, chunk)
-            stats = _window_stats(reference, logits32(sparse, chunk), np.asarray(chunk[1:]))
+            set_sparse(False)
+            reference = _logits32(llm, chunk[:-1])
+            set_sparse(True)
+            stats = _window_stats(reference, _logits32(llm, chunk[:-1], decode), np.asarray(chunk[1:]))
             sums[:4] += stats[:4]
             sums[4] = max(sums[4], stats[4])
             positions += len(chunk) - 1
@@ -132,6 +138,7 @@ def sparse_cost(dense: llama_cpp.Llama, sparse: llama_cpp.Llama, texts: Iterable
                 break
         if seen >= max_tokens:
             break
+    set_sparse(False)
     if positions == 0:
         raise ValueError("the text produced no tokens to compare")
     n = float(positions)
@@ -139,35 +146,58 @@ def sparse_cost(dense: llama_cpp.Llama, sparse: llama_cpp.Llama, texts: Iterable
                       sums[3] / n, float(sums[4]))
 
 
-def logits32(llm: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
-    """Logits after each of tokens[:-1] (float32), evaluated from an empty context."""
+def _logits32(llm: llama_cpp.Llama, tokens: Sequence[int], one_at_a_time: bool = False) -> np.ndarray:
+    """Logits after each token (float32: a 262k vocabulary makes float64 windows large)."""
     llm.reset()
-    llm.eval(list(tokens))
-    return np.array(llm.scores[: len(tokens) - 1], dtype=np.float32)
+    for batch in ([[t] for t in tokens] if one_at_a_time else [list(tokens)]):
+        llm.eval(batch)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
-def open_dense_and_sparse(model: str, *, emulate: bool = False, **kwargs: Any) -> tuple[Any, Any]:
-    """Two instances of a converted model: dense, and sparse. With `emulate` the sparse one is
-    the dense engine with each thresholded layer's activation zeroed where |f(gate)| is at or
-    below the file's threshold (through the profiler's cb_eval hook): sparse decode with a
-    perfect predictor, computed independently of the sparse engine. Otherwise the backend's sparse
-    engine (``Llama(sparse=True)``) against ``sparse=False``; `sparse_cost` evaluates in batches,
-    which apply the thresholds without the predictor."""
-    from .format import PowerInferFile, THRESHOLDED
+SPARSE_MODES = ("predicted", "predictor", "oracle", "emulate")
+
+
+def open_sparse_switch(model: str, mode: str = "predicted", *, source: Optional[str] = None,
+                       **kwargs: Any) -> tuple[Any, Callable[[bool], None]]:
+    """A converted model opened dense, and a switch to its sparse side by `mode`: "predicted"
+    (the sparse engine as it decodes, ``sparse_mode`` "predicted"), "predictor" (every layer's
+    predictor used), "oracle" (the engine computing every gate row: the thresholds alone), or
+    "emulate": the dense engine with each
+    thresholded layer's activation zeroed where |f(gate)| is at or below the file's threshold,
+    through the profiler's cb_eval hook (the thresholds alone, independently of the sparse
+    engine; off, the hook only observes). With `source`, the GGUF the model was converted from,
+    emulation runs that instead: independent of the bundles too."""
+    from .format import THRESHOLDED, FormatError, PowerInferFile, fingerprint
     from .llama import Llama
 
+    if mode not in SPARSE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(SPARSE_MODES)}")
     kwargs = {"logits_all": True, "verbose": False, **kwargs}
-    if not emulate:
-        return Llama(model, sparse=False, **kwargs), Llama(model, sparse=True, **kwargs)
+    if mode != "emulate":
+        llm = Llama(model, sparse=False, **kwargs)
+
+        def set_mode(on: bool) -> None:
+            llm.sparse_mode = mode if on else "off"
+
+        return llm, set_mode
     from .profile import native_profiler
 
     pf = PowerInferFile.open(model)
+    if source is not None and fingerprint(source) != pf.source_fingerprint:
+        raise FormatError(f"{source} is not the model {model} was converted from")
     thresholds = {L.layer: t for L, act, t in zip(pf.layers, pf.activations, pf.activation_thresholds)
                   if act in THRESHOLDED}
     if not thresholds:
         raise ValueError(f"{model}: no thresholded (silu_threshold / gelu_threshold) layers to emulate")
-    profiler = native_profiler(model, thresholds=thresholds, emulate=True)
-    # both dense: the emulation zeroes activations itself, the engine must not threshold them too
-    sparse = Llama(model, eval_callback=(profiler.callback_address, profiler.user_data), sparse=False, **kwargs)
-    sparse._powerinfer_emulator = profiler  # the callback's data lives as long as the model
-    return Llama(model, sparse=False, **kwargs), sparse
+    run = source if source is not None else model
+    # dense: the emulation zeroes activations itself, the engine must not threshold them too (a
+    # plain GGUF has no sparse mode)
+    dense = {} if source is not None else {"sparse": False}
+    profiler = native_profiler(run, thresholds=thresholds)
+    llm = Llama(run, eval_callback=(profiler.callback_address, profiler.user_data), **dense, **kwargs)
+    llm._powerinfer_emulator = profiler  # the callback's data lives as long as the model
+
+    def set_emulate(on: bool) -> None:
+        profiler.emulate = on
+
+    return llm, set_emulate
