@@ -20,7 +20,7 @@ static_assert(sizeof(pi_q8_0) == 34 && sizeof(pi_q5_0) == 22 && sizeof(pi_q5_1) 
 static void axpy_generic(enum ggml_type type, int64_t n, float a, const void * row, float * y) {
     static thread_local std::vector<float> buf;
     const struct ggml_type_traits * tt = ggml_get_type_traits(type);
-    const int64_t step = 1024 / tt->blck_size * tt->blck_size > 0 ? 1024 / tt->blck_size * tt->blck_size : tt->blck_size;
+    const int64_t step = tt->blck_size >= 1024 ? tt->blck_size : 1024 / tt->blck_size * tt->blck_size;
     buf.resize((size_t) step);
     for (int64_t j = 0; j < n; j += step) {
         const int64_t m = j + step <= n ? step : n - j;

@@ -43,6 +43,17 @@ static bool read_uint_array(const struct gguf_context * gguf, const char * name,
     return true;
 }
 
+// The f32 array under powerinfer.<name> with n entries, or nullptr if absent or malformed.
+static const float * f32_array(const struct gguf_context * gguf, const char * name, int64_t n) {
+    const std::string key = std::string(KEY_PREFIX) + name;
+    const int64_t k = gguf_find_key(gguf, key.c_str());
+    if (k < 0 || gguf_get_kv_type(gguf, k) != GGUF_TYPE_ARRAY || gguf_get_arr_type(gguf, k) != GGUF_TYPE_FLOAT32 ||
+        (int64_t) gguf_get_arr_n(gguf, k) != n) {
+        return nullptr;
+    }
+    return (const float *) gguf_get_arr_data(gguf, k);
+}
+
 static bool parse_activation(const char * name, enum pi_activation * act) {
     static const struct { const char * name; enum pi_activation act; } names[] = {
         { "graph", PI_ACT_GRAPH }, { "silu_threshold", PI_ACT_SILU_THRESHOLD }, { "gelu_threshold", PI_ACT_GELU_THRESHOLD },
@@ -83,18 +94,13 @@ static bool read_predictors(const struct gguf_context * gguf, uint64_t region, u
         !read_uint_array(gguf, "predictor.offset", &n, &offset, err)) {
         return false;
     }
-    const int64_t k_thr = gguf_find_key(gguf, "powerinfer.predictor.threshold");
-    if (k_thr < 0 || gguf_get_arr_type(gguf, k_thr) != GGUF_TYPE_FLOAT32 || (int64_t) gguf_get_arr_n(gguf, k_thr) != n) {
+    const float * thresholds = f32_array(gguf, "predictor.threshold", n);
+    if (thresholds == nullptr) {
         *err = "missing or malformed key powerinfer.predictor.threshold";
         return false;
     }
-    const float * thresholds = (const float *) gguf_get_arr_data(gguf, k_thr);
-    const int64_t k_frac = gguf_find_key(gguf, "powerinfer.predictor.predicted_fraction");
-    const float * fractions = k_frac >= 0 && gguf_get_arr_type(gguf, k_frac) == GGUF_TYPE_FLOAT32 &&
-                              (int64_t) gguf_get_arr_n(gguf, k_frac) == n ? (const float *) gguf_get_arr_data(gguf, k_frac) : nullptr;
-    const int64_t k_rec = gguf_find_key(gguf, "powerinfer.predictor.recall");
-    const float * recalls = k_rec >= 0 && gguf_get_arr_type(gguf, k_rec) == GGUF_TYPE_FLOAT32 &&
-                            (int64_t) gguf_get_arr_n(gguf, k_rec) == n ? (const float *) gguf_get_arr_data(gguf, k_rec) : nullptr;
+    const float * fractions = f32_array(gguf, "predictor.predicted_fraction", n); // optional
+    const float * recalls   = f32_array(gguf, "predictor.recall", n);             // optional
     char what[256];
     for (int64_t i = 0; i < n; i++) {
         pi_bundle_layer * L = layer[i] < index->by_block.size() && index->by_block[layer[i]] >= 0
@@ -139,12 +145,11 @@ bool pi_bundle_index_read(const struct gguf_context * gguf, uint64_t file_size, 
         *err = "missing or malformed key powerinfer.bundle.activation";
         return false;
     }
-    const int64_t k_thr = gguf_find_key(gguf, "powerinfer.bundle.activation_threshold");
-    if (k_thr < 0 || gguf_get_arr_type(gguf, k_thr) != GGUF_TYPE_FLOAT32 || (int64_t) gguf_get_arr_n(gguf, k_thr) != n) {
+    const float * thresholds = f32_array(gguf, "bundle.activation_threshold", n);
+    if (thresholds == nullptr) {
         *err = "missing or malformed key powerinfer.bundle.activation_threshold";
         return false;
     }
-    const float * thresholds = (const float *) gguf_get_arr_data(gguf, k_thr);
     const uint64_t region = region_start(gguf);
     const int64_t k_size = gguf_find_key(gguf, "powerinfer.region_size");
     if (k_size < 0 || gguf_get_kv_type(gguf, k_size) != GGUF_TYPE_UINT64) {

@@ -224,7 +224,9 @@ static bool add_bundled_node(pi_compute_context * ctx, struct ggml_tensor * node
         struct ggml_tensor * down_t = pi_ram_host_tensor(node->src[0]);
         pi_down_batch_prepare(b, node->src[1], down_t);
         // the pack op writes only the batch's scratch; the gemm op writes the output
-        ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_pack_op, node->src[1], down_t, b));
+        if (pi_down_batch_needs_pack(b)) {
+            ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_pack_op, node->src[1], down_t, b));
+        }
         ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_gemm_op, node->src[1], down_t, b));
         return true;
     }

@@ -116,20 +116,24 @@ static void micro_kernel(const int32_t * list, int64_t n, const float * panel, c
 #endif
 }
 
-// Small batches: every firing neuron's row segment added to each token's output.
-static void down_small_batch(pi_down_batch * b, struct ggml_tensor * dst, int64_t c0, int64_t c1) {
-    const struct ggml_tensor * down_t = b->down_t;
+void pi_down_t_rows(const struct ggml_tensor * down_t, const float * act, size_t act_stride, float * y, int ith, int nth) {
     const pi_axpy_fn axpy = pi_axpy_kernel(down_t->type);
     const int64_t blck = ggml_blck_size(down_t->type);
-    const size_t off = (size_t) (c0 / blck) * ggml_type_size(down_t->type);
-    for (int64_t t = 0; t < n_tokens(b); t++) {
-        float * y = (float *) ((char *) dst->data + t*dst->nb[1]) + c0;
-        memset(y, 0, sizeof(float) * (c1 - c0));
-        for (int64_t i = 0; i < down_t->ne[1]; i++) {
-            const float a = act_at(b, t, i);
-            if (a != 0.0f) {
-                axpy(c1 - c0, a, (const char *) down_t->data + i*down_t->nb[1] + off, y);
-            }
+    const int64_t n_blocks = down_t->ne[0] / blck;
+    const int64_t per = (n_blocks + nth - 1) / nth;
+    const int64_t b0 = per * ith < n_blocks ? per * ith : n_blocks;
+    const int64_t b1 = b0 + per < n_blocks ? b0 + per : n_blocks;
+    if (b0 >= b1) {
+        return;
+    }
+    const int64_t w = (b1 - b0) * blck;
+    y += b0 * blck;
+    memset(y, 0, sizeof(float) * w);
+    const char * rows = (const char *) down_t->data + (size_t) b0 * ggml_type_size(down_t->type);
+    for (int64_t i = 0; i < down_t->ne[1]; i++) {
+        const float a = *(const float *) ((const char *) act + i * act_stride);
+        if (a != 0.0f) {
+            axpy(w, a, rows + (size_t) i * down_t->nb[1], y);
         }
     }
 }
@@ -143,13 +147,10 @@ void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
     // strips of whole quant blocks and whole micro-tiles: 64 columns, or one 256-wide K block
     const int64_t strip = blck > 64 ? blck : 64;
     const int64_t n_strips = (n_embd + strip - 1) / strip;
-    if (!pi_down_batch_needs_pack(b)) {
-        const int64_t n_blocks = n_embd / blck;
-        const int64_t per = (n_blocks + nth - 1) / nth;
-        const int64_t b0 = per * ith < n_blocks ? per * ith : n_blocks;
-        const int64_t b1 = b0 + per < n_blocks ? b0 + per : n_blocks;
-        if (b0 < b1) {
-            down_small_batch(b, dst, b0 * blck, b1 * blck);
+    if (!pi_down_batch_needs_pack(b)) { // small batches: firing rows added token by token
+        for (int64_t t = 0; t < n_tokens(b); t++) {
+            pi_down_t_rows(down_t, (const float *) ((const char *) b->act->data + t*b->act->nb[1]), b->act->nb[0],
+                           (float *) ((char *) dst->data + t*dst->nb[1]), ith, nth);
         }
         return;
     }

@@ -29,6 +29,11 @@ struct pi_down_batch {
 void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, const struct ggml_tensor * down_t);
 bool pi_down_batch_needs_pack(const pi_down_batch * b);
 
+// One token: y = sum over i with act[i] != 0 of act[i] * down_t[i], over this thread's slice of
+// whole blocks of output columns (threads split the columns, each reads its part of every firing
+// row). The decode path of both dense and sparse layers.
+void pi_down_t_rows(const struct ggml_tensor * down_t, const float * act, size_t act_stride, float * y, int ith, int nth);
+
 // userdata: the pi_down_batch. The pack op writes only the scratch; the gemm op's dst is y.
 void pi_down_pack_op(struct ggml_tensor * dst, int ith, int nth, void * userdata);
 void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata);

@@ -2,6 +2,7 @@
 
 #include "pi-axpy.h"
 #include "pi-dot.h"
+#include "pi-down-batch.h"
 #include "pi-ffn-dense.h"
 
 #include "ggml-backend.h"
@@ -198,28 +199,6 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
 }
 
 void pi_sparse_down_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    pi_sparse_layer * s = (pi_sparse_layer *) userdata;
-    const pi_bundle_layer * L = s->L;
-    const struct ggml_tensor * down_t = s->down_t;
-    const pi_axpy_fn axpy = pi_axpy_kernel(down_t->type);
-    const int64_t blck = ggml_blck_size(down_t->type);
-    const size_t  bsize = ggml_type_size(down_t->type);
-    // a slice of whole blocks of the output per thread; each reads its part of every firing row
-    const int64_t n_blocks = L->n_embd / blck;
-    const int64_t per = (n_blocks + nth - 1) / nth;
-    const int64_t b0 = per * ith < n_blocks ? per * ith : n_blocks;
-    const int64_t b1 = b0 + per < n_blocks ? b0 + per : n_blocks;
-    if (b0 >= b1) {
-        return;
-    }
-    float * y = (float *) dst->data + b0 * blck;
-    const int64_t w = (b1 - b0) * blck;
-    memset(y, 0, sizeof(float) * w);
-    const char * rows = (const char *) down_t->data + (size_t) b0 * bsize;
-    const float * act = s->act.data();
-    for (int64_t i = 0; i < L->n_ff; i++) {
-        if (act[i] != 0.0f) {
-            axpy(w, act[i], rows + (size_t) i * down_t->nb[1], y);
-        }
-    }
+    const pi_sparse_layer * s = (const pi_sparse_layer *) userdata;
+    pi_down_t_rows(s->down_t, s->act.data(), sizeof(float), (float *) dst->data, ith, nth);
 }
