@@ -169,8 +169,16 @@ py::array_t<float> axpy_rows(int type, u8_array data, int64_t n_per_row, f32_arr
     py::array_t<float> out((py::ssize_t) n_per_row);
     std::fill(out.mutable_data(), out.mutable_data() + n_per_row, 0.0f);
     const pi_axpy_fn axpy = pi_axpy_kernel(t);
+    // groups of 1, 2, .. PI_AXPY_ROWS rows in turn, so every row count of the kernel runs
+    std::vector<const char *> rows((size_t) coefs.size());
     for (py::ssize_t r = 0; r < coefs.size(); r++) {
-        axpy(n_per_row, coefs.data()[r], data.data() + r * row_bytes, out.mutable_data());
+        rows[(size_t) r] = (const char *) data.data() + r * row_bytes;
+    }
+    for (py::ssize_t r = 0, g = 1; r < coefs.size(); r += g, g = g % PI_AXPY_ROWS + 1) {
+        const int n_rows = (int) std::min<py::ssize_t>(g, coefs.size() - r);
+        const int n_next = (int) std::min<py::ssize_t>(g % PI_AXPY_ROWS + 1, coefs.size() - r - n_rows);
+        axpy(n_per_row, n_rows, coefs.data() + r, rows.data() + r, n_next, rows.data() + r + n_rows,
+             out.mutable_data());
     }
     return out;
 }

@@ -33,27 +33,42 @@ static inline __m256i unpack_nibbles(const uint8_t * qs) {
     return _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes);
 }
 
+// Prefetch, for each row of the next group, the cache line at byte `off` (called once per line
+// of the current rows, so both groups advance together).
+static inline void prefetch_rows(int n_next, const char * const * next, size_t off) {
+    for (int r = 0; r < n_next; r++) {
+        _mm_prefetch(next[r] + off, _MM_HINT_T0);
+    }
+}
+
 // Q4_0 x Q8_0. ggml computes lane j = sum over 4 bytes of (x - 8) * y with a sign trick; here
 // lane j = sum of x * y (x unsigned in [0, 15]) minus 8 * sum of y: the same integer, with the
 // activation part computed once for all rows.
-static void dot_rows_q4_0(int n, float * out, const char * rows, size_t row_stride, const void * vy) {
+template <int R>
+static void dot_q4_0(int n, float * out, const char * const * rows, int n_next, const char * const * next,
+                     const void * vy) {
     const int nb = n / PI_QK;
     const pi_block_q8_0 * y = (const pi_block_q8_0 *) vy;
-    const pi_block_q4_0 * x[PI_DOT_ROWS];
-    for (int r = 0; r < PI_DOT_ROWS; r++) {
-        x[r] = (const pi_block_q4_0 *) (rows + r*row_stride);
+    const pi_block_q4_0 * x[R];
+    for (int r = 0; r < R; r++) {
+        x[r] = (const pi_block_q4_0 *) rows[r];
     }
     const __m256i ones16 = _mm256_set1_epi16(1);
     const __m256i eights = _mm256_set1_epi8(8);
-    __m256 acc[PI_DOT_ROWS];
-    for (int r = 0; r < PI_DOT_ROWS; r++) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) {
         acc[r] = _mm256_setzero_ps();
     }
+    size_t fetched = 0; // bytes of the next rows prefetched so far
     for (int ib = 0; ib < nb; ib++) {
+        if ((ib + 1) * sizeof(pi_block_q4_0) > fetched) {
+            prefetch_rows(n_next, next, fetched);
+            fetched += 64;
+        }
         const __m256i qy   = _mm256_loadu_si256((const __m256i *) y[ib].qs);
         const __m256i corr = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(eights, qy));
         const float   dy   = fp16_to_fp32(y[ib].d);
-        for (int r = 0; r < PI_DOT_ROWS; r++) {
+        for (int r = 0; r < R; r++) {
             const __m256i qx  = unpack_nibbles(x[r][ib].qs);
             const __m256i dot = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(qx, qy));
             const __m256  q   = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot, corr));
@@ -61,28 +76,35 @@ static void dot_rows_q4_0(int n, float * out, const char * rows, size_t row_stri
             acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
         }
     }
-    for (int r = 0; r < PI_DOT_ROWS; r++) {
+    for (int r = 0; r < R; r++) {
         out[r] = hsum_float_8(acc[r]);
     }
 }
 
 // Q8_0 x Q8_0: ggml's arithmetic per row, rows interleaved.
-static void dot_rows_q8_0(int n, float * out, const char * rows, size_t row_stride, const void * vy) {
+template <int R>
+static void dot_q8_0(int n, float * out, const char * const * rows, int n_next, const char * const * next,
+                     const void * vy) {
     const int nb = n / PI_QK;
     const pi_block_q8_0 * y = (const pi_block_q8_0 *) vy;
-    const pi_block_q8_0 * x[PI_DOT_ROWS];
-    for (int r = 0; r < PI_DOT_ROWS; r++) {
-        x[r] = (const pi_block_q8_0 *) (rows + r*row_stride);
+    const pi_block_q8_0 * x[R];
+    for (int r = 0; r < R; r++) {
+        x[r] = (const pi_block_q8_0 *) rows[r];
     }
     const __m256i ones16 = _mm256_set1_epi16(1);
-    __m256 acc[PI_DOT_ROWS];
-    for (int r = 0; r < PI_DOT_ROWS; r++) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) {
         acc[r] = _mm256_setzero_ps();
     }
+    size_t fetched = 0;
     for (int ib = 0; ib < nb; ib++) {
+        if ((ib + 1) * sizeof(pi_block_q8_0) > fetched) {
+            prefetch_rows(n_next, next, fetched);
+            fetched += 64;
+        }
         const __m256i qy = _mm256_loadu_si256((const __m256i *) y[ib].qs);
         const float   dy = fp16_to_fp32(y[ib].d);
-        for (int r = 0; r < PI_DOT_ROWS; r++) {
+        for (int r = 0; r < R; r++) {
             const __m256i qx  = _mm256_loadu_si256((const __m256i *) x[r][ib].qs);
             const __m256i ax  = _mm256_sign_epi8(qx, qx);
             const __m256i sy  = _mm256_sign_epi8(qy, qx);
@@ -91,10 +113,30 @@ static void dot_rows_q8_0(int n, float * out, const char * rows, size_t row_stri
             acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[r]);
         }
     }
-    for (int r = 0; r < PI_DOT_ROWS; r++) {
+    for (int r = 0; r < R; r++) {
         out[r] = hsum_float_8(acc[r]);
     }
 }
+
+static_assert(PI_DOT_ROWS == 8, "the dispatch below covers 1..8 rows");
+
+// One instantiation per row count, so every count keeps its accumulators in registers.
+#define PI_DOT_DISPATCH(name, kernel)                                                                    \
+    static void name(int n, int n_rows, float * out, const char * const * rows, int n_next,             \
+                     const char * const * next, const void * y) {                                       \
+        switch (n_rows) {                                                                                \
+            case 1: kernel<1>(n, out, rows, n_next, next, y); break;                                     \
+            case 2: kernel<2>(n, out, rows, n_next, next, y); break;                                     \
+            case 3: kernel<3>(n, out, rows, n_next, next, y); break;                                     \
+            case 4: kernel<4>(n, out, rows, n_next, next, y); break;                                     \
+            case 5: kernel<5>(n, out, rows, n_next, next, y); break;                                     \
+            case 6: kernel<6>(n, out, rows, n_next, next, y); break;                                     \
+            case 7: kernel<7>(n, out, rows, n_next, next, y); break;                                     \
+            default: kernel<8>(n, out, rows, n_next, next, y); break;                                    \
+        }                                                                                                \
+    }
+PI_DOT_DISPATCH(dot_rows_q4_0, dot_q4_0)
+PI_DOT_DISPATCH(dot_rows_q8_0, dot_q8_0)
 
 pi_dot_rows_fn pi_dot_rows_kernel(enum ggml_type type) {
     switch (type) {

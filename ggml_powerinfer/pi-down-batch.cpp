@@ -130,11 +130,24 @@ void pi_down_t_rows(const struct ggml_tensor * down_t, const float * act, size_t
     y += b0 * blck;
     memset(y, 0, sizeof(float) * w);
     const char * rows = (const char *) down_t->data + (size_t) b0 * ggml_type_size(down_t->type);
+    // the firing neurons' row segments, added PI_AXPY_ROWS at a time, the next group prefetched
+    static thread_local std::vector<const char *> seg;
+    static thread_local std::vector<float> coef;
+    seg.clear();
+    coef.clear();
     for (int64_t i = 0; i < down_t->ne[1]; i++) {
         const float a = *(const float *) ((const char *) act + i * act_stride);
         if (a != 0.0f) {
-            axpy(w, a, rows + (size_t) i * down_t->nb[1], y);
+            seg.push_back(rows + (size_t) i * down_t->nb[1]);
+            coef.push_back(a);
         }
+    }
+    const int64_t n = (int64_t) seg.size();
+    for (int64_t j = 0; j < n; j += PI_AXPY_ROWS) {
+        const int n_rows = (int) (j + PI_AXPY_ROWS <= n ? PI_AXPY_ROWS : n - j);
+        const int64_t k = j + n_rows;
+        const int n_next = (int) (k + PI_AXPY_ROWS <= n ? PI_AXPY_ROWS : n - k);
+        axpy(w, n_rows, coef.data() + j, seg.data() + j, n_next, seg.data() + k, y);
     }
 }
 
@@ -185,7 +198,9 @@ void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
             for (int64_t i = i0; i < i1; i++) {
                 float * row = panel.data() + (i - i0) * strip;
                 memset(row, 0, sizeof(float) * w);
-                axpy(w, 1.0f, (const char *) down_t->data + i*down_t->nb[1] + off, row);
+                const float one = 1.0f;
+                const char * src = (const char *) down_t->data + i*down_t->nb[1] + off;
+                axpy(w, 1, &one, &src, 0, nullptr, row);
             }
             int64_t m = 0;
             for (; m + MICRO_COLS <= w; m += MICRO_COLS) {

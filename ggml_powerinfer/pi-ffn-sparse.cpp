@@ -16,10 +16,10 @@
 #define PI_SPARSE_AVX2 1
 #endif
 
-// Neurons per work unit of op 2. Units go round-robin to the threads: activity falls off
-// smoothly along the hot-first order, so neighbouring units cost about the same. 128 neurons
-// make each predictor row segment four whole cache lines.
-static const int64_t NEURON_CHUNK = 128;
+// Neurons per work unit of op 2: one predictor tile. Units go round-robin to the threads:
+// activity falls off smoothly along the hot-first order, so neighbouring units cost about the
+// same.
+static const int64_t NEURON_CHUNK = PI_PREDICTOR_TILE;
 
 bool pi_sparse_supported(const pi_bundle_layer * L, const struct ggml_tensor * gate, const struct ggml_tensor * up,
                          const struct ggml_tensor * down_t) {
@@ -108,6 +108,32 @@ static inline float relu(float v) {
     return v > 0.0f ? v : 0.0f;
 }
 
+// out[list[j]] = dot(row list[j], xq) for the listed rows of a row-major matrix: the group
+// kernel on up to PI_DOT_ROWS gathered rows at a time (the next group prefetched), or vec_dot.
+static void gathered_dots(ggml_vec_dot_t vec_dot, pi_dot_rows_fn dot_rows, int n, const char * rows, size_t stride,
+                          const int * list, int n_list, const void * xq, float * out) {
+    if (dot_rows == nullptr) {
+        for (int j = 0; j < n_list; j++) {
+            vec_dot(n, &out[list[j]], 0, rows + (size_t) list[j]*stride, 0, xq, 0, 1);
+        }
+        return;
+    }
+    const char * ptr[NEURON_CHUNK];
+    for (int j = 0; j < n_list; j++) {
+        ptr[j] = rows + (size_t) list[j]*stride;
+    }
+    for (int j = 0; j < n_list; j += PI_DOT_ROWS) {
+        const int n_rows = j + PI_DOT_ROWS <= n_list ? PI_DOT_ROWS : n_list - j;
+        const int k = j + n_rows;
+        const int n_next = k + PI_DOT_ROWS <= n_list ? PI_DOT_ROWS : n_list - k;
+        float sums[PI_DOT_ROWS];
+        dot_rows(n, n_rows, sums, ptr + j, n_next, ptr + k, xq);
+        for (int r = 0; r < n_rows; r++) {
+            out[list[j + r]] = sums[r];
+        }
+    }
+}
+
 void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     pi_sparse_layer * s = (pi_sparse_layer *) userdata;
     const pi_bundle_layer * L = s->L;
@@ -130,63 +156,40 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
         const int64_t m  = i0 + NEURON_CHUNK <= L->n_ff ? NEURON_CHUNK : L->n_ff - i0;
         if (s->pred != nullptr) {
             memcpy(score, s->pred->bias.data() + i0, sizeof(float) * m);
-            const uint16_t * fc2 = s->pred->fc2.data() + i0;
+            const uint16_t * fc2 = s->pred->fc2.data() + c*rank*NEURON_CHUNK;
             for (int64_t r = 0; r < rank; r++) {
                 if (s->h[r] != 0.0f) { // h is relu'd: about half its entries are zero
-                    axpy_f16_to_f32(m, s->h[r], fc2 + r*L->n_ff, score);
+                    axpy_f16_to_f32(m, s->h[r], fc2 + r*NEURON_CHUNK, score);
                 }
             }
         }
-        // gate rows of the candidates; where most of a group of eight are candidates, the
-        // eight-row kernel (same results as vec_dot, several times the throughput)
+        // gate rows of the candidates, then the activation, then up rows of the neurons that fire
         bool  cand[NEURON_CHUNK];
         float g[NEURON_CHUNK];
+        int   list[NEURON_CHUNK];
+        int   n_list = 0;
         for (int64_t k = 0; k < m; k++) {
             cand[k] = s->pred == nullptr || score[k] >= threshold;
+            if (cand[k]) {
+                list[n_list++] = (int) k;
+            }
         }
+        n_predicted += (uint64_t) (s->gate_out != nullptr ? m : n_list);
         if (s->gate_out != nullptr) {
             memcpy(g, (const float *) s->gate_out->data + i0, sizeof(float) * m);
-            n_predicted += (uint64_t) m;
+        } else {
+            gathered_dots(vec_dot, dot_rows, n, gate + i0*row, row, list, n_list, xq, g);
         }
-        for (int64_t k = 0; s->gate_out == nullptr && k < m; k += PI_DOT_ROWS) {
-            const int64_t kn = k + PI_DOT_ROWS <= m ? PI_DOT_ROWS : m - k;
-            int64_t n_cand = 0;
-            for (int64_t j = k; j < k + kn; j++) {
-                n_cand += cand[j];
-            }
-            n_predicted += (uint64_t) n_cand;
-            if (dot_rows != nullptr && kn == PI_DOT_ROWS && n_cand >= PI_DOT_ROWS / 2) {
-                dot_rows(n, g + k, gate + (i0 + k)*row, row, xq);
-                continue;
-            }
-            for (int64_t j = k; j < k + kn; j++) {
-                if (cand[j]) {
-                    vec_dot(n, &g[j], 0, gate + (i0 + j)*row, 0, xq, 0, 1);
-                }
-            }
-        }
-        // the activation; up rows of the neurons that fire, eight at a time where most do
         float a[NEURON_CHUNK];
         float u[NEURON_CHUNK];
+        n_list = 0;
         for (int64_t k = 0; k < m; k++) {
             a[k] = cand[k] ? pi_gate_activation(L, g[k]) : 0.0f;
-        }
-        for (int64_t k = 0; k < m; k += PI_DOT_ROWS) {
-            const int64_t kn = k + PI_DOT_ROWS <= m ? PI_DOT_ROWS : m - k;
-            int64_t n_fire = 0;
-            for (int64_t j = k; j < k + kn; j++) {
-                n_fire += a[j] != 0.0f;
-            }
-            if (dot_rows != nullptr && kn == PI_DOT_ROWS && n_fire >= PI_DOT_ROWS / 2) {
-                dot_rows(n, u + k, up + (i0 + k)*row, row, xq);
-                continue;
-            }
-            for (int64_t j = k; j < k + kn; j++) {
-                if (a[j] != 0.0f) {
-                    vec_dot(n, &u[j], 0, up + (i0 + j)*row, 0, xq, 0, 1);
-                }
+            if (a[k] != 0.0f) {
+                list[n_list++] = (int) k;
             }
         }
+        gathered_dots(vec_dot, dot_rows, n, up + i0*row, row, list, n_list, xq, u);
         for (int64_t k = 0; k < m; k++) {
             const float y = a[k] == 0.0f ? 0.0f : a[k] * (L->activation == PI_ACT_DRELU ? relu(u[k]) : u[k]);
             act[i0 + k] = y;

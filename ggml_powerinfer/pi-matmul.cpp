@@ -62,10 +62,13 @@ static void matmul_task(int ith, int nth, void * user_data) {
             const int64_t c1 = std::min(c0 + PI_COLS_PER_BLOCK, a.n_cols);
             int64_t r = r0;
             for (; job->dot_rows != nullptr && r + PI_DOT_ROWS <= r1; r += PI_DOT_ROWS) {
-                const char * w_rows = a.w + r*a.w_stride;
+                const char * w_rows[PI_DOT_ROWS];
+                for (int k = 0; k < PI_DOT_ROWS; k++) {
+                    w_rows[k] = a.w + (r + k)*a.w_stride;
+                }
                 for (int64_t c = c0; c < c1; c++) {
                     float sums[PI_DOT_ROWS];
-                    job->dot_rows((int) a.n_in, sums, w_rows, a.w_stride, job->xq + c*job->xq_stride);
+                    job->dot_rows((int) a.n_in, PI_DOT_ROWS, sums, w_rows, 0, nullptr, job->xq + c*job->xq_stride);
                     float * out = (float *) ((char *) a.dst + c*a.dst_stride) + r;
                     for (int k = 0; k < PI_DOT_ROWS; k++) {
                         out[k] = sums[k];

@@ -152,12 +152,21 @@ static bool load_bundled_layer(pi_model_slot * slot, const std::array<pi_ram_ten
     }
     if (L->predictor.rank > 0) {
         pi_predictor_ram & P = slot->predictors[slot->bundles.by_block[L->layer]];
-        P.fc1.resize((size_t) (L->n_embd * L->predictor.rank));
-        P.fc2.resize((size_t) (L->predictor.rank * L->n_ff));
+        const int64_t rank = L->predictor.rank;
+        std::vector<uint16_t> fc2((size_t) (rank * L->n_ff));
+        P.fc1.resize((size_t) (L->n_embd * rank));
         P.bias.resize((size_t) L->n_ff);
-        if (!pi_bundle_read_predictor(&slot->file, L, P.fc1.data(), P.fc2.data(), P.bias.data(), &err)) {
+        if (!pi_bundle_read_predictor(&slot->file, L, P.fc1.data(), fc2.data(), P.bias.data(), &err)) {
             pi_log_error("cannot read the predictor of layer %d from %s: %s\n", L->layer, slot->path.c_str(), err.c_str());
             return false;
+        }
+        const int64_t n_tiles = (L->n_ff + PI_PREDICTOR_TILE - 1) / PI_PREDICTOR_TILE;
+        P.fc2.assign((size_t) (n_tiles * rank * PI_PREDICTOR_TILE), 0);
+        for (int64_t r = 0; r < rank; r++) {
+            for (int64_t i = 0; i < L->n_ff; i++) {
+                const int64_t t = i / PI_PREDICTOR_TILE;
+                P.fc2[(size_t) ((t*rank + r)*PI_PREDICTOR_TILE + i % PI_PREDICTOR_TILE)] = fc2[(size_t) (r*L->n_ff + i)];
+            }
         }
         slot->resident_bytes += 2 * (P.fc1.size() + P.fc2.size()) + 4 * P.bias.size();
     }

@@ -27,10 +27,15 @@ struct pi_counters {
     std::atomic<uint64_t> neurons_active{0};
 };
 
+// Neurons per fc2 tile of a predictor in memory: the unit of work of sparse decode.
+constexpr int64_t PI_PREDICTOR_TILE = 128;
+
 // A layer's predictor held in memory (RAM slots of PowerInfer models); empty when it has none.
+// fc2 is stored by tiles (for each run of PI_PREDICTOR_TILE neurons, its rank rows one after
+// the other, the last tile zero-padded): a tile's scores read one contiguous block.
 struct pi_predictor_ram {
     std::vector<uint16_t> fc1;  // n_embd x rank, F16
-    std::vector<uint16_t> fc2;  // rank x n_ff, F16
+    std::vector<uint16_t> fc2;  // tiles x rank x PI_PREDICTOR_TILE, F16
     std::vector<float>    bias; // n_ff
 };
 
