@@ -65,6 +65,7 @@ public:
         d["neurons_total"]     = s.neurons_total;
         d["neurons_predicted"] = s.neurons_predicted;
         d["neurons_active"]    = s.neurons_active;
+        d["batch_repacks"]     = s.batch_repacks;
         return d;
     }
 

@@ -31,6 +31,7 @@ struct pi_stats {
     uint64_t neurons_total;      // neurons of the layers computed sparse (n_ff per layer-token)
     uint64_t neurons_predicted;  // of those, the candidates whose gate row was computed
     uint64_t neurons_active;     // of those, the ones whose activation was non-zero
+    uint64_t batch_repacks;      // plain gate/up matrices repacked for a batch (PowerInfer models)
 };
 
 // How the FFN of a PowerInfer model runs (RAM slots). Batches of tokens always run dense.

@@ -1,5 +1,6 @@
 #include "pi-compute.h"
 
+#include "pi-batch-repack.h"
 #include "pi-down-batch.h"
 #include "pi-ffn-dense.h"
 #include "pi-ffn-sparse.h"
@@ -31,6 +32,7 @@ struct pi_compute_context {
     pi_threadpool *   pool      = nullptr;
     std::vector<char> act_scratch;  // activations converted to the weights' vec_dot_type
     pi_aligned_buf    weight_buf;   // disk-resident weights of the current op
+    pi_batch_repack * repack = nullptr; // plain RAM weights repacked for a batch
     std::vector<char> cpu_work;     // work buffer for ops run through ggml's CPU kernels
     std::vector<char> graph_mem;    // memory of the graphs handed to the CPU kernels
     std::vector<struct ggml_tensor> node_copies; // matmul nodes re-pointed at host weights
@@ -55,6 +57,7 @@ static uint64_t now_ns() {
 
 pi_compute_context * pi_compute_context_new(void) {
     pi_compute_context * ctx = new pi_compute_context;
+    ctx->repack = pi_batch_repack_new();
     // llama.cpp sets the real count through ggml_backend_set_n_threads before computing
     pi_compute_set_n_threads(ctx, (int) std::max(1u, std::thread::hardware_concurrency()));
     return ctx;
@@ -66,6 +69,7 @@ void pi_compute_context_free(pi_compute_context * ctx) {
         ggml_threadpool_free(ctx->cpu_pool);
     }
     pi_aligned_buf_free(&ctx->weight_buf);
+    pi_batch_repack_free(ctx->repack);
     delete ctx;
 }
 
@@ -159,6 +163,18 @@ static enum ggml_status compute_mul_mat(pi_compute_context * ctx, struct ggml_te
     slot->counters.ffn_matmuls++;
     slot->counters.ffn_rows_computed += (uint64_t) (w->ne[1]*x->ne[1]);
 
+    if (slot->residency == PI_RESIDENCY_RAM && pi_batch_repack_worth_it(host, x->ne[1])) {
+        // the scratch is shared: the matmuls queued before must have read it already
+        enum ggml_status status = flush_cpu_nodes(ctx);
+        if (status != GGML_STATUS_SUCCESS) {
+            return status;
+        }
+        const struct ggml_tensor * repacked = pi_batch_repack_weight(ctx->repack, host);
+        if (repacked != nullptr) {
+            host = repacked;
+            slot->counters.batch_repacks++;
+        }
+    }
     if (slot->residency == PI_RESIDENCY_RAM || x->ne[1] >= PI_MIN_BATCH_FOR_CPU_KERNELS) {
         struct ggml_tensor * op = &ctx->node_copies[ctx->cpu_nodes.size()];
         *op = *dst;

@@ -99,14 +99,19 @@ static bool cpu_supports_weight_in(ggml_backend_buffer_type_t buft, const struct
     return ok;
 }
 
-static ggml_backend_buffer_type_t choose_cpu_buft(const pi_model_slot * slot, const struct ggml_tensor * w) {
-    ggml_backend_buffer_type_t * extra = slot->repack && ggml_n_dims(w) == 2 ? cpu_extra_bufts() : nullptr;
+ggml_backend_buffer_type_t pi_cpu_repack_buft(const struct ggml_tensor * w) {
+    ggml_backend_buffer_type_t * extra = ggml_n_dims(w) == 2 ? cpu_extra_bufts() : nullptr;
     for (; extra != nullptr && *extra != nullptr; extra++) {
         if (cpu_supports_weight_in(*extra, w)) {
             return *extra;
         }
     }
-    return ggml_backend_cpu_buffer_type();
+    return nullptr;
+}
+
+static ggml_backend_buffer_type_t choose_cpu_buft(const pi_model_slot * slot, const struct ggml_tensor * w) {
+    ggml_backend_buffer_type_t buft = slot->repack ? pi_cpu_repack_buft(w) : nullptr;
+    return buft != nullptr ? buft : ggml_backend_cpu_buffer_type();
 }
 
 static void ram_buffer_free(ggml_backend_buffer_t buffer) {
@@ -552,6 +557,7 @@ void pi_model_slot_get_stats(pi_model_slot_t slot, struct pi_stats * out) {
     out->neurons_total     = c.neurons_total.load();
     out->neurons_predicted = c.neurons_predicted.load();
     out->neurons_active    = c.neurons_active.load();
+    out->batch_repacks     = c.batch_repacks.load();
 }
 
 bool pi_model_slot_set_sparse_mode(pi_model_slot_t slot, enum pi_sparse_mode mode) {
@@ -579,6 +585,7 @@ void pi_model_slot_reset_stats(pi_model_slot_t slot) {
     c.neurons_total = 0;
     c.neurons_predicted = 0;
     c.neurons_active = 0;
+    c.batch_repacks = 0;
 }
 
 size_t pi_model_slot_resident_bytes(pi_model_slot_t slot) {

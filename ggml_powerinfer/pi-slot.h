@@ -25,6 +25,7 @@ struct pi_counters {
     std::atomic<uint64_t> neurons_total{0};
     std::atomic<uint64_t> neurons_predicted{0};
     std::atomic<uint64_t> neurons_active{0};
+    std::atomic<uint64_t> batch_repacks{0};
 };
 
 // Neurons per fc2 tile of a predictor in memory: the unit of work of sparse decode.
@@ -75,6 +76,10 @@ const pi_predictor_ram * pi_slot_predictor(const pi_model_slot * slot, const pi_
 // The host tensor holding a RAM-resident weight: in a CPU buffer, or a CPU_REPACK buffer whose
 // interleaved layout only ggml's CPU kernels read.
 struct ggml_tensor * pi_ram_host_tensor(const struct ggml_tensor * t);
+
+// The CPU backend's buffer type that would repack weight `w` into interleaved blocks (what
+// llama.cpp's loader picks for stock), or nullptr when it has none for w's type and shape.
+ggml_backend_buffer_type_t pi_cpu_repack_buft(const struct ggml_tensor * w);
 
 // Implemented by the device: the device every slot buffer type belongs to.
 ggml_backend_dev_t pi_device(void);

@@ -91,3 +91,27 @@ def test_truncated_bundles_fail_cleanly(converted: dict[str, fmt.PowerInferFile]
 def test_disk_mode_of_a_converted_model_is_refused_clearly(converted: dict[str, fmt.PowerInferFile]) -> None:
     with pytest.raises(powerinfer.ModelFileError, match="neuron cache"):
         powerinfer.Llama(converted["q8_0"].path, ffn_on_disk=True, **KW)
+
+
+def test_prompt_batches_repack_gate_and_up(converted: dict[str, fmt.PowerInferFile]) -> None:
+    """A batch of >= 32 tokens multiplies gate/up repacked into ggml's interleaved blocks (the
+    file keeps them plain for sparse rows). Batches and token-by-token decode differ by float
+    noise on this Q4_0 model (another summation order throughout); the repacked batch must not
+    differ more than a batch just below the repack threshold does."""
+    llm = powerinfer.Llama(converted["q4_0"].path, logits_all=True, sparse=False, **KW)
+    try:
+        tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog " * 6)[:48]
+        assert len(tokens) == 48
+        single = quality.logits(llm, tokens, one_at_a_time=True)
+        llm.reset_powerinfer_stats()
+        plain = quality.logits(llm, tokens[:31])
+        assert llm.powerinfer_stats()["batch_repacks"] == 0
+        repacked = quality.logits(llm, tokens)
+        assert llm.powerinfer_stats()["batch_repacks"] > 0
+    finally:
+        llm.close()
+    base = quality.compare(single[:31], plain)
+    agree = quality.compare(single[:31], repacked[:31])
+    assert agree.top1 == 1.0, agree
+    assert agree.kl_mean <= 2 * base.kl_mean + 1e-6, (agree, base)
+    assert agree.max_abs_diff <= 2 * base.max_abs_diff + 1e-3, (agree, base)
