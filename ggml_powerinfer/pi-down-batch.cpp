@@ -2,6 +2,7 @@
 
 #include "pi-axpy.h"
 
+#include <algorithm>
 #include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -12,6 +13,12 @@
 // Output columns per micro-tile (two AVX registers) and the panel of dequantized down_t rows a
 // thread keeps in L2: chunk neurons x strip columns of f32, at most PANEL_BYTES.
 static const int64_t MICRO_COLS  = 16;
+static const int64_t STRIP_COLS  = 512;
+// A token block in which at most this fraction of (token, neuron) activations are non-zero runs
+// token by token (pi_down_t_rows, a down_t row read per firing pair) instead of as a panel GEMM
+// (every token of the block times every neuron firing for any of them). Synthetic 7B Q4_0 at 10%
+// active: pp512 12.4 t/s by rows, 10.8 by panels.
+static const float ROWS_MAX_ACTIVE = 0.25f;
 static const size_t  PANEL_BYTES = 192 * 1024;
 
 static int64_t n_tokens(const pi_down_batch * b) {
@@ -29,6 +36,7 @@ void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, co
     b->panels.resize((size_t) (b->n_tb * n_ff * PI_DOWN_TB));
     b->active.resize((size_t) (b->n_tb * n_ff));
     b->n_active.resize((size_t) b->n_tb);
+    b->by_rows.resize((size_t) b->n_tb);
 }
 
 bool pi_down_batch_needs_pack(const pi_down_batch * b) {
@@ -52,6 +60,17 @@ void pi_down_pack_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
         int64_t n = 0;
         const int64_t t0 = tb * PI_DOWN_TB;
         const int64_t nt = t0 + PI_DOWN_TB <= T ? PI_DOWN_TB : T - t0;
+        int64_t n_pairs = 0;
+        for (int64_t k = 0; k < nt; k++) {
+            for (int64_t i = 0; i < n_ff; i++) {
+                n_pairs += act_at(b, t0 + k, i) != 0.0f;
+            }
+        }
+        b->by_rows[tb] = (float) n_pairs <= ROWS_MAX_ACTIVE * (float) (nt * n_ff);
+        if (b->by_rows[tb]) {
+            b->n_active[tb] = 0;
+            continue;
+        }
         for (int64_t i = 0; i < n_ff; i++) {
             bool any = false;
             for (int64_t k = 0; k < PI_DOWN_TB; k++) {
@@ -157,8 +176,9 @@ void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
     const int64_t n_embd = down_t->ne[0];
     const int64_t n_ff   = down_t->ne[1];
     const int64_t blck   = ggml_blck_size(down_t->type);
-    // strips of whole quant blocks and whole micro-tiles: 64 columns, or one 256-wide K block
-    const int64_t strip = blck > 64 ? blck : 64;
+    // strips of whole quant blocks and whole micro-tiles; wide enough that dequantizing a row's
+    // segment into the panel reads a few hundred contiguous bytes, not one or two blocks
+    const int64_t strip = STRIP_COLS % blck == 0 ? STRIP_COLS : blck;
     const int64_t n_strips = (n_embd + strip - 1) / strip;
     if (!pi_down_batch_needs_pack(b)) { // small batches: firing rows added token by token
         for (int64_t t = 0; t < n_tokens(b); t++) {
@@ -173,12 +193,25 @@ void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
     static thread_local std::vector<float> panel;
     panel.resize((size_t) (chunk * strip));
     std::vector<int64_t> lo((size_t) b->n_tb), hi((size_t) b->n_tb);
+    std::vector<char> used((size_t) chunk);
 
-    for (int64_t s = ith; s < n_strips; s += nth) {
+    for (int64_t t = 0; t < T; t++) { // sparse token blocks: each firing row added per token
+        if (b->by_rows[t / PI_DOWN_TB]) {
+            pi_down_t_rows(down_t, (const float *) ((const char *) b->act->data + t*b->act->nb[1]), b->act->nb[0],
+                           (float *) ((char *) dst->data + t*dst->nb[1]), ith, nth);
+        }
+    }
+    bool any_panel = false;
+    for (int64_t tb = 0; tb < b->n_tb; tb++) {
+        any_panel |= !b->by_rows[tb];
+    }
+    for (int64_t s = ith; any_panel && s < n_strips; s += nth) {
         const int64_t c0 = s * strip;
         const int64_t w  = c0 + strip <= n_embd ? strip : n_embd - c0; // a multiple of the block size
         for (int64_t t = 0; t < T; t++) {
-            memset((char *) dst->data + t*dst->nb[1] + c0*sizeof(float), 0, sizeof(float) * w);
+            if (!b->by_rows[t / PI_DOWN_TB]) {
+                memset((char *) dst->data + t*dst->nb[1] + c0*sizeof(float), 0, sizeof(float) * w);
+            }
         }
         const size_t off = (size_t) (c0 / blck) * ggml_type_size(down_t->type);
         for (int64_t tb = 0; tb < b->n_tb; tb++) {
@@ -195,7 +228,18 @@ void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
                     hi[tb]++;
                 }
             }
+            // only rows some token block needs
+            std::fill(used.begin(), used.begin() + (i1 - i0), (char) 0);
+            for (int64_t tb = 0; tb < b->n_tb; tb++) {
+                const int32_t * list = b->active.data() + tb * n_ff;
+                for (int64_t j = lo[tb]; j < hi[tb]; j++) {
+                    used[(size_t) (list[j] - i0)] = 1;
+                }
+            }
             for (int64_t i = i0; i < i1; i++) {
+                if (!used[(size_t) (i - i0)]) {
+                    continue;
+                }
                 float * row = panel.data() + (i - i0) * strip;
                 memset(row, 0, sizeof(float) * w);
                 const float one = 1.0f;
@@ -207,6 +251,9 @@ void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
                 for (int64_t tb = 0; tb < b->n_tb; tb++) {
                     const int64_t t0 = tb * PI_DOWN_TB;
                     const int64_t nt = t0 + PI_DOWN_TB <= T ? PI_DOWN_TB : T - t0;
+                    if (hi[tb] == lo[tb]) {
+                        continue; // nothing fires in this chunk (or the block runs by rows)
+                    }
                     micro_kernel(b->active.data() + tb * n_ff + lo[tb], hi[tb] - lo[tb],
                                  b->panels.data() + tb * n_ff * PI_DOWN_TB, panel.data() + m, strip, i0,
                                  (float *) ((char *) dst->data + t0*dst->nb[1]) + c0 + m, dst->nb[1], nt);

@@ -5,8 +5,9 @@
 //      of neurons that fire for at least one token of each block (ReLU models skip the rest)
 //   2. gemm: each thread a strip of output columns; down_t dequantized a chunk of neurons at a
 //      time into a cache-resident panel, then a register-blocked PI_DOWN_TB x 16 kernel
-// Batches below 2 * PI_DOWN_TB tokens skip packing: each firing neuron's row is added to each
-// token's output directly (the decode path's arithmetic).
+// Batches below 2 * PI_DOWN_TB tokens skip packing, and so do token blocks whose neurons fire for
+// few of their tokens (ReLU models): each firing neuron's row is added to each token's output
+// directly (the decode path's arithmetic), which reads less than the block's panel GEMM computes.
 #pragma once
 
 #include "ggml.h"
@@ -23,6 +24,7 @@ struct pi_down_batch {
     std::vector<float>   panels;                 // [tb][neuron][PI_DOWN_TB]
     std::vector<int32_t> active;                 // [tb][...]: neurons firing in the block, ascending
     std::vector<int64_t> n_active;               // per token block
+    std::vector<char>    by_rows;                // per token block: sparse enough to run token by token
 };
 
 // Sizes the scratch for these operands.
