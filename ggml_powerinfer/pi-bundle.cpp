@@ -230,13 +230,16 @@ uint64_t pi_bundle_updown_half_offset(const pi_bundle_layer * L, int64_t c) {
     return pi_bundle_gate_half_offset(L, c) + L->gate_half;
 }
 
-// Gathered gate rows and the predictor's F16 rows are read at about 0.4 of the speed ggml's
-// dense matmul reads the whole gate matrix (measured on the 7B-class Q4_0 model, two threads:
-// ggml's gate matmul plus sparse up/down ran the FFN in 108 ms per token, predictors on the
-// layers that predict 40-60% of their neurons in 114 ms).
-static const double PI_GATHER_SPEED = 0.4;
-// Held-out recall below which the default mode does not use a layer's predictor.
-static const float PI_MIN_RECALL = 0.95f;
+// Gathered gate rows (eight-row kernels over candidate lists, next rows prefetched) and the
+// predictor's F16 tiles are read at about 0.9 of the speed ggml's dense matmul reads the whole
+// gate matrix (7B-class Q4_0 model, two threads: every predictor, 80% of gate rows, FFN 82 ms
+// per token; ggml's gate matmul 87 ms).
+static const double PI_GATHER_SPEED = 0.9;
+// Held-out recall below which the default mode does not use a layer's predictor. Misses add up
+// over layers: on the 7B-class model predictors with held-out recall 0.992-0.994 in all 32
+// layers kept only 87% of greedy tokens (top-1 vs dense); an imported predictor made for other
+// text (recall 0.35) turns text into garbage. `sparse="predictor"` uses them regardless.
+static const float PI_MIN_RECALL = 0.995f;
 
 bool pi_predictor_worth_it(const pi_bundle_layer * L) {
     const pi_bundle_predictor & P = L->predictor;
