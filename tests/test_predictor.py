@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import THREADS
 from powerinfer.calibration import calibration_texts
-from powerinfer.predictor import choose_rank, evaluate, train_predictor
+from powerinfer.predictor import TARGET_RECALL, choose_rank, evaluate, train_predictor
 from powerinfer.profile import profile_model
 
 
@@ -30,7 +30,7 @@ def test_predictor_beats_the_static_hot_set_on_held_out_text(synthetic_models: d
                          max_samples=512).layers[0]
     pred, val = train_predictor(train.samples_x[:3600], train.samples_active[:3600], rank=64,
                                 x_val=train.samples_x[3600:], active_val=train.samples_active[3600:])
-    assert val.recall >= 0.994  # the threshold is set for 0.995 on the validation samples
+    assert val.recall >= TARGET_RECALL - 0.001  # the threshold is set on the validation samples
     q = evaluate(pred, held.samples_x, held.samples_active)
     assert q.recall >= 0.95
     assert q.predicted_fraction < 0.5

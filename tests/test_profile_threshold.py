@@ -17,7 +17,7 @@ from conftest import THREADS
 from powerinfer import _core
 from powerinfer import format as fmt
 from powerinfer.calibration import calibration_texts
-from powerinfer.predictor import evaluate, train_predictor
+from powerinfer.predictor import TARGET_RECALL, evaluate, train_predictor
 from powerinfer.profile import (ModelProfile, calibrate_thresholds, fraction_at_or_below, profile_model,
                                 quantile_of_histogram)
 from powerinfer.quality import SparseCost
@@ -100,7 +100,7 @@ def test_predictor_learns_thresholded_labels(silu_profiles: dict[str, ModelProfi
     train, val, held = (silu_profiles[k].layers[0] for k in ("train", "validation", "held_out"))
     pred, q_val = train_predictor(train.samples_x, train.samples_active, rank=64, x_val=val.samples_x,
                                   active_val=val.samples_active)
-    assert q_val.recall >= 0.994  # set for 0.995 on the validation samples
+    assert q_val.recall >= TARGET_RECALL - 0.001  # set on the validation samples
     q = evaluate(pred, held.samples_x, held.samples_active)
     assert 0.4 < q.true_fraction < 0.6
     assert q.recall >= 0.98
