@@ -163,7 +163,11 @@ static enum ggml_status compute_mul_mat(pi_compute_context * ctx, struct ggml_te
     slot->counters.ffn_matmuls++;
     slot->counters.ffn_rows_computed += (uint64_t) (w->ne[1]*x->ne[1]);
 
-    if (slot->residency == PI_RESIDENCY_RAM && pi_batch_repack_worth_it(host, x->ne[1])) {
+    int which = -1;
+    if (slot->residency == PI_RESIDENCY_RAM && pi_bundle_layer_of(w, &which) != nullptr &&
+        pi_batch_repack_worth_it(host, x->ne[1])) {
+        // only a PowerInfer model's gate/up: other plain weights are plain because the user
+        // turned repacking off (use_extra_bufts=False), and must multiply as stock's plain kernels
         // the scratch is shared: the matmuls queued before must have read it already
         enum ggml_status status = flush_cpu_nodes(ctx);
         if (status != GGML_STATUS_SUCCESS) {

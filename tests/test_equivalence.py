@@ -12,11 +12,13 @@ import powerinfer
 from conftest import THREADS
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
+# long enough (>= 32 tokens) that prompt batches take the paths big batches take
+LONG_PROMPT = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun " * 3
 
 
-def _run(llm: Any) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _run(llm: Any, prompt: str = PROMPT) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Logits of a prompt evaluated as one batch, then token by token, then 24 greedy tokens."""
-    tokens = llm.tokenize(PROMPT.encode())
+    tokens = llm.tokenize(prompt.encode())
     llm.eval(tokens)
     batch_logits = np.array(llm.scores[: llm.n_tokens])
     llm.reset()
@@ -42,14 +44,15 @@ def _open(cls: Any, path: Path, **kwargs: Any) -> Any:
     return cls(str(path), n_ctx=256, n_threads=THREADS, logits_all=True, verbose=False, **kwargs)
 
 
-def _assert_identical(path: Path, ref_cls: Any, ref_kwargs: dict[str, Any], our_kwargs: dict[str, Any]) -> dict[str, Any]:
+def _assert_identical(path: Path, ref_cls: Any, ref_kwargs: dict[str, Any], our_kwargs: dict[str, Any],
+                      prompt: str = PROMPT) -> dict[str, Any]:
     """Ours and the reference give the same logits, bit for bit, and the same greedy tokens.
     Returns our backend's counters."""
     ref = _open(ref_cls, path, **ref_kwargs)
-    ref_batch, ref_step, ref_greedy = _run(ref)
+    ref_batch, ref_step, ref_greedy = _run(ref, prompt)
     ref.close()
     ours = _open(powerinfer.Llama, path, **our_kwargs)
-    batch, step, greedy = _run(ours)
+    batch, step, greedy = _run(ours, prompt)
     stats = ours.powerinfer_stats()
     ours.close()
     np.testing.assert_array_equal(step, ref_step)
@@ -66,7 +69,7 @@ def test_synthetic_matches_stock_arithmetic(synthetic_models: dict[str, Path], w
     """Against stock's plain CPU kernels (no repacking). In disk mode single tokens run the
     backend's own kernels (vec_dot arithmetic); everything else runs ggml's kernels."""
     stats = _assert_identical(synthetic_models[wtype], powerinfer.StockLlama, {"use_extra_bufts": False},
-                              {"ffn_on_disk": on_disk, "use_extra_bufts": False})
+                              {"ffn_on_disk": on_disk, "use_extra_bufts": False}, LONG_PROMPT)
     assert stats["ffn_weight_bytes"] > 0
     if on_disk:
         assert stats["ffn_resident_bytes"] == 0
