@@ -48,10 +48,7 @@ static float act_at(const pi_down_batch * b, int64_t t, int64_t i) {
 }
 
 void pi_down_pack_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    pi_down_batch * b = (pi_down_batch *) userdata;
-    if (!pi_down_batch_needs_pack(b)) {
-        return;
-    }
+    pi_down_batch * b = (pi_down_batch *) userdata; // added to the graph only when it needs packing
     const int64_t n_ff = b->down_t->ne[1];
     const int64_t T = n_tokens(b);
     for (int64_t tb = ith; tb < b->n_tb; tb += nth) {

@@ -1,30 +1,9 @@
 #include "pi-ffn-dense.h"
 
-#include "pi-bundle.h"
-
-#include <cmath>
 #include <cstring>
 
 static inline float relu(float x) {
     return x > 0.0f ? x : 0.0f;
-}
-
-float pi_gate_activation(const pi_bundle_layer * L, float g) {
-    switch (L->activation) {
-        case PI_ACT_RELU:
-        case PI_ACT_DRELU:   return relu(g);
-        case PI_ACT_RELU2:   return relu(g) * relu(g);
-        case PI_ACT_FATRELU: return g > L->act_threshold ? g : 0.0f;
-        case PI_ACT_SILU_THRESHOLD: {
-            const float a = g / (1.0f + expf(-g));
-            return fabsf(a) > L->act_threshold ? a : 0.0f;
-        }
-        case PI_ACT_GELU_THRESHOLD: { // the tanh approximation, as ggml's GeGLU
-            const float a = 0.5f*g*(1.0f + tanhf(0.7978845608f*g*(1.0f + 0.044715f*g*g)));
-            return fabsf(a) > L->act_threshold ? a : 0.0f;
-        }
-        default:             return 0.0f; // PI_ACT_GRAPH: the graph's GLU runs instead
-    }
 }
 
 void pi_activation_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {

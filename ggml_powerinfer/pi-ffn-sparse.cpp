@@ -8,13 +8,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 
-#include <cmath>
 #include <cstring>
-
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#include <immintrin.h>
-#define PI_SPARSE_AVX2 1
-#endif
 
 // Neurons per work unit of op 2: one predictor tile. Units go round-robin to the threads:
 // activity falls off smoothly along the hot-first order, so neighbouring units cost about the
@@ -51,22 +45,26 @@ void pi_sparse_layer_prepare(pi_sparse_layer * s) {
     s->n_active    = 0;
 }
 
-static inline float f16_to_f32(uint16_t h) {
-    return ggml_fp16_to_fp32((ggml_fp16_t) h);
-}
-
-// acc[0..n) += a * w[0..n) for F16 w
-static void axpy_f16_to_f32(int64_t n, float a, const uint16_t * w, float * acc) {
-    int64_t k = 0;
-#ifdef PI_SPARSE_AVX2
-    const __m256 va = _mm256_set1_ps(a);
-    for (; k + 8 <= n; k += 8) {
-        const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (w + k)));
-        _mm256_storeu_ps(acc + k, _mm256_fmadd_ps(va, v, _mm256_loadu_ps(acc + k)));
+// acc += sum_j a[j] * rows[j] over the rows with a non-zero coefficient, F16 rows of n values,
+// PI_AXPY_ROWS at a time (one load and store of acc per block for all of them).
+static void add_f16_rows(pi_axpy_fn axpy, int64_t n, const float * a, const uint16_t * rows, size_t stride,
+                         int64_t n_rows, float * acc) {
+    float coef[PI_AXPY_ROWS];
+    const char * ptr[PI_AXPY_ROWS];
+    int k = 0;
+    for (int64_t j = 0; j < n_rows; j++) {
+        if (a[j] == 0.0f) {
+            continue; // fc2: relu'd hidden units, about half of its rows are skipped
+        }
+        coef[k] = a[j];
+        ptr[k++] = (const char *) (rows + j*stride);
+        if (k == PI_AXPY_ROWS) {
+            axpy(n, k, coef, ptr, 0, nullptr, acc);
+            k = 0;
+        }
     }
-#endif
-    for (; k < n; k++) {
-        acc[k] += a * f16_to_f32(w[k]);
+    if (k > 0) {
+        axpy(n, k, coef, ptr, 0, nullptr, acc);
     }
 }
 
@@ -92,12 +90,7 @@ void pi_sparse_prepare_op(struct ggml_tensor * dst, int ith, int nth, void * use
     const int64_t r1 = r0 + per < rank ? r0 + per : rank;
     float * h = s->h.data();
     memset(h + r0, 0, sizeof(float) * (r1 - r0));
-    const uint16_t * fc1 = s->pred->fc1.data();
-    for (int64_t e = 0; e < L->n_embd; e++) {
-        if (x[e] != 0.0f) {
-            axpy_f16_to_f32(r1 - r0, x[e], fc1 + e*rank + r0, h + r0);
-        }
-    }
+    add_f16_rows(pi_axpy_kernel(GGML_TYPE_F16), r1 - r0, x, s->pred->fc1.data() + r0, (size_t) rank, L->n_embd, h + r0);
     for (int64_t r = r0; r < r1; r++) {
         h[r] = h[r] > 0.0f ? h[r] : 0.0f;
     }
@@ -139,6 +132,7 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
     const pi_bundle_layer * L = s->L;
     const ggml_vec_dot_t vec_dot = ggml_get_type_traits_cpu((enum ggml_type) L->gate_type)->vec_dot;
     const pi_dot_rows_fn dot_rows = pi_dot_rows_kernel((enum ggml_type) L->gate_type);
+    const pi_axpy_fn axpy_f16 = pi_axpy_kernel(GGML_TYPE_F16);
     const int n = (int) L->n_embd;
     const char * gate = (const char *) s->gate->data;
     const char * up   = (const char *) s->up->data;
@@ -156,12 +150,9 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
         const int64_t m  = i0 + NEURON_CHUNK <= L->n_ff ? NEURON_CHUNK : L->n_ff - i0;
         if (s->pred != nullptr) {
             memcpy(score, s->pred->bias.data() + i0, sizeof(float) * m);
-            const uint16_t * fc2 = s->pred->fc2.data() + c*rank*NEURON_CHUNK;
-            for (int64_t r = 0; r < rank; r++) {
-                if (s->h[r] != 0.0f) { // h is relu'd: about half its entries are zero
-                    axpy_f16_to_f32(m, s->h[r], fc2 + r*NEURON_CHUNK, score);
-                }
-            }
+            memset(score + m, 0, sizeof(float) * (NEURON_CHUNK - m)); // tiles are zero-padded: whole rows
+            add_f16_rows(axpy_f16, NEURON_CHUNK, s->h.data(), s->pred->fc2.data() + c*rank*NEURON_CHUNK,
+                         (size_t) NEURON_CHUNK, rank, score);
         }
         // gate rows of the candidates, then the activation, then up rows of the neurons that fire
         bool  cand[NEURON_CHUNK];
