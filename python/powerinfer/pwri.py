@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _core
 from .format import FormatError
-from .gguf_io import write_gguf
+from .gguf_io import tensor_data, tensor_matrix, write_gguf
 from .predictor import Predictor
 
 MAGIC = b"PWRI"
@@ -80,20 +80,6 @@ def header(path: str | os.PathLike[str]) -> dict:
     return _cached_header(p, st.st_size, st.st_mtime_ns)
 
 
-def _tensor(path: str, t: dict) -> np.ndarray:
-    with open(path, "rb") as f:
-        f.seek(t["offset"])
-        data = np.frombuffer(f.read(t["nbytes"]), np.uint8)
-    if len(data) != t["nbytes"]:
-        raise FormatError(f"{path}: truncated (tensor {t['name']})")
-    return data
-
-
-def _matrix(path: str, t: dict) -> np.ndarray:
-    """A 2-D tensor as float32, shape (ne1, ne0)."""
-    return _core.dequantize_rows(t["type"], _tensor(path, t), t["ne"][0])
-
-
 def _tensors(header: dict) -> dict[str, dict]:
     return {t["name"]: t for t in header["tensors"]}
 
@@ -113,8 +99,8 @@ def predictors(path: str | os.PathLike[str]) -> dict[int, Predictor]:
         fc2 = tensors.get(f"blk.{il}.fc2.weight")
         if fc2 is None or fc2["ne"][0] != t["ne"][1]:
             raise FormatError(f"{p}: layer {il} has fc1 but no matching fc2")
-        w1 = _matrix(p, t)    # (rank, n_embd)
-        w2 = _matrix(p, fc2)  # (n_ff, rank)
+        w1 = tensor_matrix(p, t)    # (rank, n_embd)
+        w2 = tensor_matrix(p, fc2)  # (n_ff, rank)
         out[il] = Predictor(np.ascontiguousarray(w1.T), np.ascontiguousarray(w2.T),
                             np.zeros(w2.shape[0], np.float32), threshold)
     return out
@@ -127,7 +113,7 @@ def down_t_rows(path: str | os.PathLike[str]) -> dict[int, tuple[int, np.ndarray
     for name, t in _tensors(header(p)).items():
         m = _PREDICTOR.match(name)
         if m and m.group(2) == "ffn_down_t":
-            out[int(m.group(1))] = (int(t["type"]), _tensor(p, t))
+            out[int(m.group(1))] = (int(t["type"]), tensor_data(p, t))
     return out
 
 
@@ -159,8 +145,8 @@ def to_plain_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
 
     def tensor_bytes(t: dict) -> bytes:
         if t["offset"] is not None:
-            return _tensor(src_p, t).tobytes()
-        dense = _matrix(src_p, tensors[t["name"].replace("ffn_down", "ffn_down_t")]).T  # (n_embd, n_ff)
+            return tensor_data(src_p, t).tobytes()
+        dense = tensor_matrix(src_p, tensors[t["name"].replace("ffn_down", "ffn_down_t")]).T  # (n_embd, n_ff)
         return _core.quantize_rows(t["type"], np.ascontiguousarray(dense)).tobytes()
 
     return write_gguf(out, meta, infos, tensor_bytes)
