@@ -57,6 +57,7 @@ def converted(synthetic_models: dict[str, Path], profiles: dict[str, ModelProfil
 def with_predictors(synthetic_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """The Q8_0 synthetic model converted with trained predictors, and the held-out profile
     (documents neither training nor threshold setting saw)."""
+    from powerinfer.gguf_io import gate_matrices
     from powerinfer.predictor import train_layer_predictors
 
     path = synthetic_models["q8_0"]
@@ -64,7 +65,8 @@ def with_predictors(synthetic_models: dict[str, Path], tmp_path_factory: pytest.
     val = profile_model(path, calibration_texts(part="validation"), max_tokens=512, threads=THREADS, max_samples=512)
     held = profile_model(path, calibration_texts(part="held_out"), max_tokens=512, threads=THREADS, max_samples=512)
     ffn_bytes = {il: 3 * 2048 * 544 for il in range(4)}  # Q8_0 rows of 512: 544 bytes
-    predictors = train_layer_predictors(train.layers, val.layers, held.layers, ffn_bytes)
+    predictors = train_layer_predictors(train.layers, val.layers, held.layers, ffn_bytes,
+                                        gates=gate_matrices(path))
     out = tmp_path_factory.mktemp("predicted") / "q8_0-predicted.gguf"
     pf = fmt.convert(path, out, train.frequencies(), predictors=predictors)
     return pf, held, ffn_bytes

@@ -197,13 +197,15 @@ def _convert(args: argparse.Namespace, model: str, pwri_source: str | None = Non
             predictors[il] = (p, evaluate(p, layer.samples_x, layer.samples_active))
         down_t = pwri.down_t_rows(pwri_source)
     elif args.predictors:
+        from .gguf_io import gate_matrices
         from .predictor import train_layer_predictors
 
         validation = other_profile("validation")
         ffn_bytes = _ffn_bytes(model)
         with tqdm(total=len(prof.layers), unit="layer", desc="training predictors", disable=args.quiet) as bar:
             predictors = train_layer_predictors(prof.layers, validation.layers, held.layers,
-                                                ffn_bytes, progress=lambda _: bar.update(1))
+                                                ffn_bytes, gates=gate_matrices(model),
+                                                progress=lambda _: bar.update(1))
     sparsity = {il: layer.inactive_fraction(activation) for il, layer in enumerate(held.layers)}
     with tqdm(total=1, unit="step", desc="writing bundles", disable=args.quiet) as bar:
         def progress(done: int, total: int) -> None:

@@ -1,9 +1,16 @@
-"""Per-layer activation predictors: ``score = fc2 · relu(fc1 · x) + b``, trained in numpy.
+"""Per-layer activation predictors: ``score = fc2 · relu(fc1 · x) + b``, made in numpy.
 
-A neuron is computed when its score reaches the layer's threshold. Training optimises a
-weighted binary cross-entropy that favours recall (a missed active neuron changes the output; a
-false positive only costs work); the threshold is then set on held-out samples so that the
-target recall is met there, and precision and the predicted-active fraction are reported.
+A neuron is computed when its score reaches the layer's threshold, which is set on held-out
+samples so that the target recall is met there; precision and the predicted-active fraction are
+reported. Two ways to make one:
+
+* ``fit_linear_predictor``, for layers whose active set is gate pre-activation > 0 (the ReLU
+  family): the best rank-r linear estimate of the pre-activation over the sampled inputs, each
+  neuron's score being its estimate in units of its own residual error, so that one threshold
+  asks every neuron for the same confidence and the neurons it misses are those barely above
+  zero, whose activations are smallest. Stored as a ReLU network of rank 2r (see ``linear``).
+* ``train_predictor``: a ReLU network trained on a weighted binary cross-entropy that favours
+  recall, for layers whose active set is not a half-space of the gate (thresholded SiLU/GELU).
 """
 from __future__ import annotations
 
@@ -59,7 +66,11 @@ def evaluate(p: Predictor, x: np.ndarray, active: np.ndarray) -> PredictorQualit
     )
 
 
-def choose_rank(n_embd: int, n_ff: int, ffn_bytes: int, budget: float = 0.10, max_rank: int = 1024) -> int:
+# Largest stored predictor, as a fraction of its layer's FFN bytes: it is held in RAM.
+PREDICTOR_BUDGET = 0.10
+
+
+def choose_rank(n_embd: int, n_ff: int, ffn_bytes: int, budget: float = PREDICTOR_BUDGET, max_rank: int = 1024) -> int:
     """Largest power of two whose F16 predictor stays within `budget` of the layer's FFN bytes."""
     r = 16
     while r * 2 <= max_rank and 2 * (2 * r) * (n_embd + n_ff) + 2 * n_ff <= budget * ffn_bytes:
@@ -137,6 +148,76 @@ def train_predictor(x: np.ndarray, active: np.ndarray, *, rank: int, x_val: Opti
     return pred, evaluate(pred, xv, av.astype(bool))
 
 
+def linear(fc1: np.ndarray, fc2: np.ndarray, bias: np.ndarray) -> Predictor:
+    """The linear map ``fc2 · (fc1 · x) + bias`` as a ReLU network of twice the rank:
+    relu(a) - relu(-a) = a. Exactly one unit of each pair is non-zero, and sparse decode skips
+    the fc2 rows of zero units, so it reads the linear map's fc2 once."""
+    return Predictor(fc1=np.concatenate([fc1, -fc1], axis=1).astype(np.float32),
+                     fc2=np.concatenate([fc2, -fc2], axis=0).astype(np.float32),
+                     bias=bias.astype(np.float32), threshold=0.0)
+
+
+def decode_bytes(n_embd: int, n_ff: int, rank: int) -> float:
+    """Bytes of predictor that sparse decode reads per token (as pi_predictor_worth_it counts
+    them): fc1, half of fc2 (rows of zero hidden units are skipped) and the bias."""
+    return 2.0 * n_embd * rank + 0.5 * 2.0 * rank * n_ff + 4.0 * n_ff
+
+
+def _balanced(fc1: np.ndarray, fc2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same product fc1 · fc2 with each hidden unit's fc1 column and fc2 row of equal
+    largest magnitude, so that neither falls out of F16's range."""
+    a = np.abs(fc1).max(axis=0)
+    c = np.abs(fc2).max(axis=1)
+    k = np.sqrt(np.where((a > 0) & (c > 0), c / np.maximum(a, 1e-30), 1.0)).astype(np.float32)
+    return fc1 * k, fc2 / k[:, None]
+
+
+def fit_linear_predictor(x: np.ndarray, gate: np.ndarray, *, x_val: np.ndarray, active_val: np.ndarray,
+                         gate_bytes: float, max_bytes: float, target_recall: float = TARGET_RECALL,
+                         ranks: tuple[int, ...] = (16, 32, 64, 128, 256, 512)) -> tuple[Predictor, PredictorQuality]:
+    """A predictor for a layer whose neurons are active when their gate pre-activation
+    z = gate · x is > 0: for each rank r of `ranks` whose stored predictor fits in `max_bytes`
+    (the smallest if none does), the rank-r linear map M minimising the squared error of M·x
+    against z over the samples (reduced-rank regression), with score_i = (M·x + mean
+    residual)_i / (residual RMS)_i; the rank kept is the one with which sparse decode reads
+    least: predictor plus `gate_bytes` times the fraction of neurons predicted on the
+    validation samples at `target_recall`.
+
+    `gate` is the layer's gate matrix (n_ff x n_embd, dequantized), `x` the training inputs."""
+    x = x.astype(np.float32)
+    z = x @ gate.T                                       # (samples, n_ff)
+    n_embd, n_ff = x.shape[1], z.shape[1]
+    # x = U S Vt; the regression's fitted values live in span(U): z ~ U B with B = Ut z
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    b = u.T @ z
+    _, p = np.linalg.eigh(b @ b.T)
+    p = p[:, ::-1]                                       # leading directions of the fit first
+    # x -> the U coordinates; ridge on tiny singular values, whose directions the samples barely hold
+    to_u = vt.T * (s / (s * s + np.float32(1e-3 * float(np.mean(s * s)))))
+    xv = x_val.astype(np.float32)
+    av = active_val.astype(bool)
+    best: Optional[tuple[float, Predictor, PredictorQuality]] = None
+    fitting = [r for r in ranks if 2 * (2 * r) * (n_embd + n_ff) <= max_bytes]
+    for r in fitting or [min(ranks)]:  # the smallest rank if none fits, as choose_rank
+        r = min(r, len(s))
+        pr = p[:, :r]
+        fc1 = to_u @ pr                                  # (n_embd, r)
+        fc2 = pr.T @ b                                   # (r, n_ff)
+        resid = z - (x @ fc1) @ fc2
+        mean = resid.mean(axis=0)
+        # a residual below 1% of the neuron's scale is no more than F16 rounding will add
+        rms = np.sqrt(np.mean((resid - mean) ** 2, axis=0))
+        rms = np.maximum(rms, 1e-2 * np.sqrt(np.mean(z * z, axis=0)) + 1e-30)
+        pred = as_stored(linear(*_balanced(fc1, fc2 / rms), mean / rms))
+        set_threshold(pred, xv, av, target_recall)
+        q = evaluate(pred, xv, av)
+        cost = decode_bytes(n_embd, n_ff, pred.rank) + q.predicted_fraction * gate_bytes
+        if best is None or cost < best[0]:
+            best = (cost, pred, q)
+    assert best is not None
+    return best[1], best[2]
+
+
 def as_stored(p: Predictor) -> Predictor:
     """The predictor with its weights rounded to F16, as the model file stores them."""
     return Predictor(p.fc1.astype(np.float16).astype(np.float32), p.fc2.astype(np.float16).astype(np.float32),
@@ -145,20 +226,31 @@ def as_stored(p: Predictor) -> Predictor:
 
 def train_layer_predictors(train_layers: list, validation_layers: list, held_out_layers: list,
                            ffn_bytes: dict[int, int], *, target_recall: float = TARGET_RECALL,
+                           gates: Optional[Callable[[int], Optional[tuple[np.ndarray, int]]]] = None,
                            progress: Optional[Callable[[int], None]] = None) -> dict[int, tuple[Predictor, PredictorQuality]]:
-    """One predictor per profiled layer (LayerProfile lists with samples): trained on the train
+    """One predictor per profiled layer (LayerProfile lists with samples): made from the train
     samples, thresholded on validation samples from other documents, judged on held-out
     documents. Weights are rounded to F16 before the threshold is set, so the reported quality
-    is that of the stored predictor."""
+    is that of the stored predictor.
+
+    With `gates` (layer -> its gate matrix, n_ff x n_embd as float32, and the gate's stored
+    bytes; None if it has none), a layer whose active set is gate > 0 gets
+    ``fit_linear_predictor``, else one is trained (``train_predictor``)."""
     out: dict[int, tuple[Predictor, PredictorQuality]] = {}
     for il, (train, val, held) in enumerate(zip(train_layers, validation_layers, held_out_layers)):
         if len(train.samples_x) < 64 or len(val.samples_x) == 0 or len(held.samples_x) == 0:
             continue
-        rank = choose_rank(train.samples_x.shape[1], train.n_ff, ffn_bytes[il])
-        p, _ = train_predictor(train.samples_x, train.samples_active, rank=rank, x_val=val.samples_x,
-                               active_val=val.samples_active, target_recall=target_recall)
-        p = as_stored(p)
-        set_threshold(p, val.samples_x.astype(np.float32), val.samples_active, target_recall)
+        gate = gates(il) if gates is not None and not train.thresholded else None
+        if gate is not None:
+            p, _ = fit_linear_predictor(train.samples_x, gate[0], x_val=val.samples_x, active_val=val.samples_active,
+                                        gate_bytes=gate[1], max_bytes=PREDICTOR_BUDGET * ffn_bytes[il],
+                                        target_recall=target_recall)
+        else:
+            rank = choose_rank(train.samples_x.shape[1], train.n_ff, ffn_bytes[il])
+            p, _ = train_predictor(train.samples_x, train.samples_active, rank=rank, x_val=val.samples_x,
+                                   active_val=val.samples_active, target_recall=target_recall)
+            p = as_stored(p)
+            set_threshold(p, val.samples_x.astype(np.float32), val.samples_active, target_recall)
         out[il] = (p, evaluate(p, held.samples_x, held.samples_active))
         if progress is not None:
             progress(il)
