@@ -25,7 +25,9 @@ def _source_rows(path: Path, name: str) -> tuple[gguf.ReaderTensor, np.ndarray]:
     return t, np.asarray(reader.data[int(t.data_offset):int(t.data_offset) + int(t.n_bytes)])
 
 
-@pytest.mark.parametrize("wtype,max_err", [("f16", 0.0), ("q8_0", 0.01), ("q4_0", 0.06)])
+# Q4_0's down_t is re-quantized to Q5_0 by columns; the synthetic down rows carry the hidden
+# spectrum (dimension k ~ k^-0.75), so a column's first blocks span a wide range: 0.070 measured
+@pytest.mark.parametrize("wtype,max_err", [("f16", 0.0), ("q8_0", 0.01), ("q4_0", 0.08)])
 def test_bundles_hold_the_source_ffn(synthetic_models: dict[str, Path], converted: dict[str, fmt.PowerInferFile],
                                      wtype: str, max_err: float) -> None:
     pf = converted[wtype]
