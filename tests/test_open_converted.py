@@ -113,5 +113,6 @@ def test_prompt_batches_repack_gate_and_up(converted: dict[str, fmt.PowerInferFi
     base = quality.compare(single[:31], plain)
     agree = quality.compare(single[:31], repacked[:31])
     assert agree.top1 == 1.0, agree
-    assert agree.kl_mean <= 2 * base.kl_mean + 1e-6, (agree, base)
+    # KL of float noise on confident logits is ~1e-5: a ratio of two such values is itself noisy
+    assert agree.kl_mean <= max(2 * base.kl_mean, 1e-4), (agree, base)
     assert agree.max_abs_diff <= 2 * base.max_abs_diff + 1e-3, (agree, base)

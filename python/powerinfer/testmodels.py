@@ -1,7 +1,8 @@
 """Synthetic llama-architecture GGUF models with planted activation sparsity.
 
 The files load in stock llama.cpp. They are written tensor by tensor, so a 7B-class file needs
-only about one FFN matrix of memory. How sparsity is planted (see docs/test-models.md):
+little memory: a few matrices at a time and the embedding (F16, kept for the output layer). How
+sparsity is planted (see docs/test-models.md):
 
 * Hidden dimension 0 is a *bias channel*: every token embedding holds the constant
   ``sqrt(n_embd)`` there and no layer writes to it (nor reads it, but for the gate).
@@ -18,6 +19,9 @@ only about one FFN matrix of memory. How sparsity is planted (see docs/test-mode
   states of real models concentrate in few directions; this is what predictors exploit. Attention
   and FFN outputs are written with the same spectrum (their rows k are scaled alike), so the
   residual stream keeps it at every depth.
+* Confident next tokens: each text token's successor (a random permutation) has an output row
+  along the token's whitened embedding, so greedy margins are mostly large, as in trained models;
+  special and byte tokens get small logits.
 * ReLU in a SiLU graph: gate rows are scaled by ``RELU_SHARPNESS`` (s) and up rows by 1/s, so
   stock llama.cpp's ``silu(s*g) * u/s`` equals ``relu(g) * u`` to within ``0.28 |u| / s``: the
   file is a ReLU model both to stock llama.cpp and to a backend that computes relu exactly.
@@ -108,6 +112,7 @@ def firing_probabilities(n: int, active_fraction: float, skew: float, rng: np.ra
 
 
 N_NON_TEXT_TOKENS = 3 + 256  # <unk>, <s>, </s> and the byte tokens lead the vocabulary
+SUCCESSOR_LEAD = 6.0         # median logit lead of a token's successor, in logit stds
 
 
 def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
@@ -279,10 +284,13 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
     spectrum = np.arange(1, n, dtype=np.float64) ** (-sparsity.spectrum_decay / 2)
     spectrum = (spectrum / np.sqrt(np.mean(spectrum ** 2))).astype(np.float32)
 
+    kept: list[np.ndarray] = []  # the embedding, F16, for the output layer's successor rows
+
     def embedding() -> np.ndarray:
         e = normal(shape.n_vocab, n, 1.0)
         e[:, 1:] *= spectrum
         e[:, 0] = math.sqrt(n)
+        kept.append(e.astype(np.float16))
         # the sampled rows as stored (rows quantize independently): no dequantized copy of all
         stream.start(_dequantize(_quantize(e[sample_tokens], wtype), wtype))
         return e
@@ -340,17 +348,34 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
         yield _TensorPlan(p + "ffn_gate.weight", (f, n), wtype, gate, stream.set_gate)
         yield _TensorPlan(p + "ffn_up.weight", (f, n), wtype, up, stream.set_up)
         yield _TensorPlan(p + "ffn_down.weight", (n, f), wtype, down, stream.add_ffn)
+
     def output() -> np.ndarray:
         w = normal(shape.n_vocab, n, 8.0 / math.sqrt(n))
         # specials and byte tokens get small logits, as in trained models: greedy text is then
         # valid UTF-8 (llama-cpp-python's completion does not count tokens that end in an
         # incomplete UTF-8 sequence, and a model repeating a lone lead byte fills the context)
         w[:N_NON_TEXT_TOKENS] *= np.float32(0.25)
+        # Confident predictions, as trained models make at most positions: each text token has
+        # a successor whose output row also points along the token's embedding, scaled so that
+        # on the simulated final hidden states its logit leads by SUCCESSOR_LEAD logit stds
+        # (median). With Gaussian logits alone 1-5% of positions were near ties that float
+        # noise flips (docs/test-models.md).
+        text = np.arange(N_NON_TEXT_TOKENS, shape.n_vocab)
+        if len(text) > 1:
+            e = kept.pop()
+            successor = np.empty(shape.n_vocab, dtype=np.int64)
+            successor[text] = rng.permutation(text)
+            # whitened: along its own embedding, not the directions every embedding shares
+            direction = e[:, 1:].astype(np.float32) / spectrum
+            direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+            h = _rms_norm(stream.x)  # output_norm.weight is 1
+            t = sample_tokens[sample_tokens >= N_NON_TEXT_TOKENS]
+            along = np.einsum("ij,ij->i", h[sample_tokens >= N_NON_TEXT_TOKENS, 1:], direction[t])
+            scale = SUCCESSOR_LEAD * 8.0 / max(float(np.median(along)), 1e-6)
+            w[successor[text], 1:] += np.float32(scale) * direction[text]
         return w
 
     yield _TensorPlan("output_norm.weight", (n,), f32, ones)
-    # a large logit scale gives clear greedy margins on small presets; the 1b/7b presets' logits
-    # are still Gaussian over 32000 tokens, so 1-5% of positions are near ties (docs/test-models.md)
     yield _TensorPlan("output.weight", (shape.n_vocab, n), wtype, output)
 
 
