@@ -3,6 +3,7 @@
 #include "gguf_meta.h"
 
 #include "pi-axpy.h"
+#include "pi-bundle.h"
 #include "pi-matmul.h"
 #include "pi-profile.h"
 #include "pi-threadpool.h"
@@ -336,6 +337,8 @@ PYBIND11_MODULE(_core, m) {
           "Dequantize rows of a ggml type to floats.");
     m.def("axpy_rows", &axpy_rows, py::arg("type"), py::arg("data"), py::arg("n_per_row"), py::arg("coefs"),
           "Sum of coefs[i] * row i, with the sparse FFN's down_t kernels.");
+    m.def("predictor_decode_bytes", &pi_predictor_decode_bytes, py::arg("n_embd"), py::arg("n_ff"), py::arg("rank"),
+          "Bytes of a rank-`rank` predictor that sparse decode reads per token (its cost model).");
     m.def("row_size", [](int type, int64_t n) { return ggml_row_size((ggml_type) type, n); },
           py::arg("type"), py::arg("n"));
 

@@ -37,9 +37,13 @@ struct pi_bundle_predictor {
     float    recall = 1.0f;             // of truly active neurons, measured likewise (1: unknown)
 };
 
+// Bytes of a rank-`rank` predictor that sparse decode reads per token: fc1, about half of fc2
+// (rows of zero hidden units are skipped) and the bias.
+double pi_predictor_decode_bytes(int64_t n_embd, int64_t n_ff, int64_t rank);
+
 // Whether a layer's predictor saves time over computing every gate row with ggml's matmul: it
-// reads fc1, about half of fc2 (rows of zero hidden units are skipped) and the candidates' gate
-// rows, all at a lower speed than a dense matmul streams the gate matrix.
+// reads its decode bytes and the candidates' gate rows, at a lower speed than a dense matmul
+// streams the gate matrix.
 bool pi_predictor_worth_it(const struct pi_bundle_layer * L);
 
 struct pi_bundle_layer {

@@ -44,7 +44,7 @@ class Predictor:
         return int(self.fc1.shape[1])
 
     def nbytes_f16(self) -> int:
-        return 2 * (self.fc1.size + self.fc2.size + self.bias.size)
+        return stored_bytes(self.fc1.shape[0], self.fc2.shape[1], self.rank)
 
 
 @dataclasses.dataclass
@@ -73,7 +73,7 @@ PREDICTOR_BUDGET = 0.10
 def choose_rank(n_embd: int, n_ff: int, ffn_bytes: int, budget: float = PREDICTOR_BUDGET, max_rank: int = 1024) -> int:
     """Largest power of two whose F16 predictor stays within `budget` of the layer's FFN bytes."""
     r = 16
-    while r * 2 <= max_rank and 2 * (2 * r) * (n_embd + n_ff) + 2 * n_ff <= budget * ffn_bytes:
+    while r * 2 <= max_rank and stored_bytes(n_embd, n_ff, 2 * r) <= budget * ffn_bytes:
         r *= 2
     return r
 
@@ -157,10 +157,9 @@ def linear(fc1: np.ndarray, fc2: np.ndarray, bias: np.ndarray) -> Predictor:
                      bias=bias.astype(np.float32), threshold=0.0)
 
 
-def decode_bytes(n_embd: int, n_ff: int, rank: int) -> float:
-    """Bytes of predictor that sparse decode reads per token (as pi_predictor_worth_it counts
-    them): fc1, half of fc2 (rows of zero hidden units are skipped) and the bias."""
-    return 2.0 * n_embd * rank + 0.5 * 2.0 * rank * n_ff + 4.0 * n_ff
+def stored_bytes(n_embd: int, n_ff: int, rank: int) -> int:
+    """Bytes of a rank-`rank` predictor as the file stores it: F16 fc1, fc2 and bias."""
+    return 2 * rank * (n_embd + n_ff) + 2 * n_ff
 
 
 def _balanced(fc1: np.ndarray, fc2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,9 +183,13 @@ def fit_linear_predictor(x: np.ndarray, gate: np.ndarray, *, x_val: np.ndarray, 
     validation samples at `target_recall`.
 
     `gate` is the layer's gate matrix (n_ff x n_embd, dequantized), `x` the training inputs."""
+    from . import _core
+
     x = x.astype(np.float32)
     z = x @ gate.T                                       # (samples, n_ff)
     n_embd, n_ff = x.shape[1], z.shape[1]
+    # a residual below 1% of a neuron's scale is no more than F16 rounding will add
+    rms_floor = 1e-2 * np.sqrt(np.mean(z * z, axis=0)) + 1e-30
     # x = U S Vt; the regression's fitted values live in span(U): z ~ U B with B = Ut z
     u, s, vt = np.linalg.svd(x, full_matrices=False)
     b = u.T @ z
@@ -197,21 +200,19 @@ def fit_linear_predictor(x: np.ndarray, gate: np.ndarray, *, x_val: np.ndarray, 
     xv = x_val.astype(np.float32)
     av = active_val.astype(bool)
     best: Optional[tuple[float, Predictor, PredictorQuality]] = None
-    fitting = [r for r in ranks if 2 * (2 * r) * (n_embd + n_ff) <= max_bytes]
-    for r in fitting or [min(ranks)]:  # the smallest rank if none fits, as choose_rank
-        r = min(r, len(s))
+    fitting = [r for r in ranks if stored_bytes(n_embd, n_ff, 2 * r) <= max_bytes]
+    # the smallest rank if none fits, as choose_rank; none above the samples' rank
+    for r in sorted({min(r, len(s)) for r in fitting or [min(ranks)]}):
         pr = p[:, :r]
         fc1 = to_u @ pr                                  # (n_embd, r)
         fc2 = pr.T @ b                                   # (r, n_ff)
         resid = z - (x @ fc1) @ fc2
         mean = resid.mean(axis=0)
-        # a residual below 1% of the neuron's scale is no more than F16 rounding will add
-        rms = np.sqrt(np.mean((resid - mean) ** 2, axis=0))
-        rms = np.maximum(rms, 1e-2 * np.sqrt(np.mean(z * z, axis=0)) + 1e-30)
+        rms = np.maximum(np.sqrt(np.mean((resid - mean) ** 2, axis=0)), rms_floor)
         pred = as_stored(linear(*_balanced(fc1, fc2 / rms), mean / rms))
         set_threshold(pred, xv, av, target_recall)
         q = evaluate(pred, xv, av)
-        cost = decode_bytes(n_embd, n_ff, pred.rank) + q.predicted_fraction * gate_bytes
+        cost = _core.predictor_decode_bytes(n_embd, n_ff, pred.rank) + q.predicted_fraction * gate_bytes
         if best is None or cost < best[0]:
             best = (cost, pred, q)
     assert best is not None
