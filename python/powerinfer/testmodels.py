@@ -284,6 +284,12 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
     spectrum = np.arange(1, n, dtype=np.float64) ** (-sparsity.spectrum_decay / 2)
     spectrum = (spectrum / np.sqrt(np.mean(spectrum ** 2))).astype(np.float32)
 
+    # Each layer is a small update of the residual stream, as in trained models: attention and FFN
+    # outputs are scaled by 1/sqrt(n_layer), so what all layers write together is about the size
+    # of the token embedding. At full size each of the 7B's 64 sublayers changed the stream by
+    # about half its norm; the model was chaotic (float noise alone moved logits by up to 21).
+    update = np.float32(1.0 / math.sqrt(shape.n_layer))
+
     kept: list[np.ndarray] = []  # the embedding, F16, for the output layer's successor rows
 
     def embedding() -> np.ndarray:
@@ -315,13 +321,13 @@ def _plan(shape: ModelShape, wtype: gguf.GGMLQuantizationType, sparsity: Sparsit
         # depth (the optimal rank-256 linear predictor of the 7B's layer 31 computed 43% of
         # neurons at recall 0.995, against 16% in layer 0), unlike real models.
         def wo() -> np.ndarray:
-            w = normal(n, n, sparsity.locality / math.sqrt(n))
+            w = normal(n, n, update * sparsity.locality / math.sqrt(n))
             w[0, :] = 0.0  # nothing writes the bias channel
             w[1:, :] *= spectrum[:, None]
             return w
 
         def down() -> np.ndarray:
-            w = normal(n, f, 0.5 / math.sqrt(f * max(sparsity.active_fraction, 0.05)))
+            w = normal(n, f, update * 0.5 / math.sqrt(f * max(sparsity.active_fraction, 0.05)))
             w[0, :] = 0.0
             w[1:, :] *= spectrum[:, None]
             return w
