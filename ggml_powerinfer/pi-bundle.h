@@ -38,7 +38,8 @@ struct pi_bundle_predictor {
 };
 
 // Bytes of a rank-`rank` predictor that sparse decode reads per token: fc1, about half of fc2
-// (rows of zero hidden units are skipped) and the bias.
+// (rows of zero hidden units are skipped) and the bias. A linear predictor stored as ReLU pairs
+// is held at half the rank (pi-slot.h) and reads half of fc1: this overstates it by that half.
 double pi_predictor_decode_bytes(int64_t n_embd, int64_t n_ff, int64_t rank);
 
 // Whether a layer's predictor saves time over computing every gate row with ggml's matmul: it

@@ -39,7 +39,7 @@ void pi_sparse_layer_prepare(pi_sparse_layer * s) {
     const pi_bundle_layer * L = s->L;
     const enum ggml_type dot_type = ggml_get_type_traits_cpu((enum ggml_type) L->gate_type)->vec_dot_type;
     s->xq.resize(ggml_row_size(dot_type, L->n_embd));
-    s->h.resize(s->pred != nullptr ? (size_t) L->predictor.rank : 0);
+    s->h.resize(s->pred != nullptr ? (size_t) s->pred->rank : 0);
     s->act.resize((size_t) L->n_ff);
     s->n_predicted = 0;
     s->n_active    = 0;
@@ -54,7 +54,7 @@ static void add_f16_rows(pi_axpy_fn axpy, int64_t n, const float * a, const uint
     int k = 0;
     for (int64_t j = 0; j < n_rows; j++) {
         if (a[j] == 0.0f) {
-            continue; // fc2: relu'd hidden units, about half of its rows are skipped
+            continue; // fc2: rows of zero hidden units (about half of a ReLU predictor's) are skipped
         }
         coef[k] = a[j];
         ptr[k++] = (const char *) (rows + j*stride);
@@ -83,16 +83,19 @@ void pi_sparse_prepare_op(struct ggml_tensor * dst, int ith, int nth, void * use
     if (s->pred == nullptr) {
         return;
     }
-    // h = relu(x . fc1): each thread a slice of the rank, fc1's rows read once by the team
-    const int64_t rank = L->predictor.rank;
+    // h = relu(x . fc1) (x . fc1 for a linear predictor): each thread a slice of the rank, fc1's
+    // rows read once by the team
+    const int64_t rank = s->pred->rank;
     const int64_t per = ((rank + nth - 1) / nth + 7) / 8 * 8;
     const int64_t r0 = per * ith < rank ? per * ith : rank;
     const int64_t r1 = r0 + per < rank ? r0 + per : rank;
     float * h = s->h.data();
     memset(h + r0, 0, sizeof(float) * (r1 - r0));
     add_f16_rows(pi_axpy_kernel(GGML_TYPE_F16), r1 - r0, x, s->pred->fc1.data() + r0, (size_t) rank, L->n_embd, h + r0);
-    for (int64_t r = r0; r < r1; r++) {
-        h[r] = h[r] > 0.0f ? h[r] : 0.0f;
+    if (!s->pred->linear) {
+        for (int64_t r = r0; r < r1; r++) {
+            h[r] = h[r] > 0.0f ? h[r] : 0.0f;
+        }
     }
     (void) dst;
 }
@@ -139,7 +142,7 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
     const size_t row  = L->gate_row;
     const void * xq   = s->xq.data();
     float * act = s->act.data();
-    const int64_t rank = s->pred != nullptr ? L->predictor.rank : 0;
+    const int64_t rank = s->pred != nullptr ? s->pred->rank : 0;
     const float threshold = s->pred != nullptr ? L->predictor.threshold : 0.0f;
     const int64_t n_chunks = (L->n_ff + NEURON_CHUNK - 1) / NEURON_CHUNK;
     uint64_t n_predicted = 0, n_active = 0;

@@ -1,6 +1,7 @@
 // The sparse FFN of a bundled layer for one token (PowerInfer-2's decode path), as three ggml
 // custom ops that run one after the other on ggml's threads (the graph gives the barriers):
 //   1. prepare: x converted to the gate type's vec_dot_type; predictor hidden h = relu(x . fc1)
+//               (x . fc1 for a linear predictor)
 //   2. neurons: predictor scores pick candidate neurons; their gate rows, the activation, and
 //               the up rows of those that fire give act[i] (0 for every other neuron). Without
 //               a predictor every gate row is needed: the graph's own gate matmul computes them

@@ -132,6 +132,27 @@ static void * ram_buffer_get_base(ggml_backend_buffer_t buffer) {
 
 // Reads a bundled layer into its three weights: gate and up as contiguous hot-first matrices
 // (repacked by the CPU backend where it would repack them), down as down_t.
+
+// Whether each of `rows` F16 rows of `cols` values (cols even) is [a, -a]: every value of its
+// second half the negation of the value cols/2 before it (+0 and -0 count as negations). fc1
+// (n_embd rows of rank) pairs columns; fc2 (rank rows of n_ff), read as one row, pairs rows.
+static bool negated_pairs(const uint16_t * m, int64_t rows, int64_t cols) {
+    if (cols % 2 != 0) {
+        return false;
+    }
+    const int64_t half = cols / 2;
+    for (int64_t j = 0; j < rows; j++) {
+        const uint16_t * a = m + j*cols;
+        for (int64_t r = 0; r < half; r++) {
+            const uint16_t x = a[r], y = a[r + half];
+            if ((x ^ y) != 0x8000 && ((x | y) & 0x7fff) != 0) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 static bool load_bundled_layer(pi_model_slot * slot, const std::array<pi_ram_tensor *, 3> & parts) {
     const pi_bundle_layer * L = parts[0]->bundle;
     std::vector<char> staging[2];
@@ -158,19 +179,25 @@ static bool load_bundled_layer(pi_model_slot * slot, const std::array<pi_ram_ten
     if (L->predictor.rank > 0) {
         pi_predictor_ram & P = slot->predictors[slot->bundles.by_block[L->layer]];
         const int64_t rank = L->predictor.rank;
+        std::vector<uint16_t> fc1((size_t) (L->n_embd * rank));
         std::vector<uint16_t> fc2((size_t) (rank * L->n_ff));
-        P.fc1.resize((size_t) (L->n_embd * rank));
         P.bias.resize((size_t) L->n_ff);
-        if (!pi_bundle_read_predictor(&slot->file, L, P.fc1.data(), fc2.data(), P.bias.data(), &err)) {
+        if (!pi_bundle_read_predictor(&slot->file, L, fc1.data(), fc2.data(), P.bias.data(), &err)) {
             pi_log_error("cannot read the predictor of layer %d from %s: %s\n", L->layer, slot->path.c_str(), err.c_str());
             return false;
         }
+        P.linear = negated_pairs(fc1.data(), L->n_embd, rank) && negated_pairs(fc2.data(), 1, rank * L->n_ff);
+        P.rank   = P.linear ? rank / 2 : rank;
+        P.fc1.resize((size_t) (L->n_embd * P.rank));
+        for (int64_t j = 0; j < L->n_embd; j++) {
+            memcpy(P.fc1.data() + j*P.rank, fc1.data() + j*rank, sizeof(uint16_t) * P.rank);
+        }
         const int64_t n_tiles = (L->n_ff + PI_PREDICTOR_TILE - 1) / PI_PREDICTOR_TILE;
-        P.fc2.assign((size_t) (n_tiles * rank * PI_PREDICTOR_TILE), 0);
-        for (int64_t r = 0; r < rank; r++) {
+        P.fc2.assign((size_t) (n_tiles * P.rank * PI_PREDICTOR_TILE), 0);
+        for (int64_t r = 0; r < P.rank; r++) {
             for (int64_t i = 0; i < L->n_ff; i++) {
                 const int64_t t = i / PI_PREDICTOR_TILE;
-                P.fc2[(size_t) ((t*rank + r)*PI_PREDICTOR_TILE + i % PI_PREDICTOR_TILE)] = fc2[(size_t) (r*L->n_ff + i)];
+                P.fc2[(size_t) ((t*P.rank + r)*PI_PREDICTOR_TILE + i % PI_PREDICTOR_TILE)] = fc2[(size_t) (r*L->n_ff + i)];
             }
         }
         slot->resident_bytes += 2 * (P.fc1.size() + P.fc2.size()) + 4 * P.bias.size();

@@ -34,7 +34,12 @@ constexpr int64_t PI_PREDICTOR_TILE = 128;
 // A layer's predictor held in memory (RAM slots of PowerInfer models); empty when it has none.
 // fc2 is stored by tiles (for each run of PI_PREDICTOR_TILE neurons, its rank rows one after
 // the other, the last tile zero-padded): a tile's scores read one contiguous block.
+// A file predictor whose hidden units come in negated pairs (fc1 columns r and r + rank/2, fc2
+// rows likewise) is a linear map: relu(a) - relu(-a) = a. It is held as that map, with half the
+// rank and no relu, so decode reads each weight once.
 struct pi_predictor_ram {
+    int64_t               rank = 0;       // hidden units held
+    bool                  linear = false; // hidden units are not relu'd
     std::vector<uint16_t> fc1;  // n_embd x rank, F16
     std::vector<uint16_t> fc2;  // tiles x rank x PI_PREDICTOR_TILE, F16
     std::vector<float>    bias; // n_ff

@@ -6,6 +6,7 @@ less work. Kernels are checked against ggml's dequantization with hypothesis.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,42 @@ def test_predicted_sparse_decode_is_close_to_dense_and_skips_work(with_predictor
     # batches run ggml's batch kernels and the blocked down GEMM: dense up to summation order
     same = quality.compare(dense, batched)
     assert same.top1 >= 0.99 and same.kl_mean < 1e-4, same
+
+
+def test_relu_pair_predictors_are_held_as_linear_maps(with_predictors: tuple, tmp_path: Path) -> None:
+    """A predictor stored as ReLU pairs (fc1 = [A, -A], fc2 = [C; -C]) is the linear map C·A·x:
+    the backend holds it at half the rank (half its RAM; decode reads each weight once) and
+    selects the same neurons as the ReLU network it is stored as."""
+    pf = with_predictors[0]
+    # a copy in which one value of one pair is not the exact negation: the ReLU form is kept.
+    # The value changed by one F16 step is layer 0's smallest, so scores barely move.
+    unpaired = tmp_path / "unpaired.gguf"
+    shutil.copyfile(pf.path, unpaired)
+    info, L0 = pf.predictors[0], pf.layers[0]
+    r, at = int(info["rank"]), pf.region_offset + int(info["offset"])
+    fc1 = np.fromfile(pf.path, dtype=np.uint16, count=L0.n_embd * r, offset=at).reshape(L0.n_embd, r)
+    magnitude = np.where(fc1[:, r // 2:] & 0x7FFF == 0, 0xFFFF, fc1[:, r // 2:] & 0x7FFF)
+    j, k = np.unravel_index(int(np.argmin(magnitude)), magnitude.shape)
+    with open(unpaired, "r+b") as f:
+        f.seek(at + 2 * (j * r + r // 2 + k))
+        f.write(np.uint16(fc1[j, r // 2 + k] + 1).tobytes())
+    results = {}
+    for path in (pf.path, unpaired):
+        llm = powerinfer.Llama(str(path), **KW)
+        try:
+            tokens = _tokens(llm, 32)
+            llm.reset_powerinfer_stats()
+            logits = _decode_logits(llm, "predictor", tokens)
+            results[path] = (logits, llm.powerinfer_stats())
+        finally:
+            llm.close()
+    (paired, paired_stats), (relu, relu_stats) = results[pf.path], results[unpaired]
+    # only layer 0 of the copy keeps its stored rank r: r/2 more hidden units of F16 fc1 and fc2
+    saved = relu_stats["ffn_resident_bytes"] - paired_stats["ffn_resident_bytes"]
+    assert saved == 2 * (r // 2) * (L0.n_embd + L0.n_ff)
+    assert paired_stats["neurons_predicted"] == relu_stats["neurons_predicted"]
+    same = quality.compare(paired, relu)
+    assert same.top1 == 1.0 and same.kl_mean < 1e-6, same
 
 
 def test_sparse_decode_does_not_depend_on_thread_count(with_predictors: tuple) -> None:
