@@ -22,6 +22,9 @@ sparsity is planted (see docs/test-models.md):
 * Confident next tokens: each text token's successor (a random permutation) has an output row
   along the token's whitened embedding, so greedy margins are mostly large, as in trained models;
   special and byte tokens get small logits.
+* Small updates: attention and FFN outputs are scaled by 1/sqrt(n_layer), so each layer changes
+  the residual stream by a small fraction of its norm, as in trained models (at full size the
+  7b preset amplified float noise into different greedy tokens).
 * ReLU in a SiLU graph: gate rows are scaled by ``RELU_SHARPNESS`` (s) and up rows by 1/s, so
   stock llama.cpp's ``silu(s*g) * u/s`` equals ``relu(g) * u`` to within ``0.28 |u| / s``: the
   file is a ReLU model both to stock llama.cpp and to a backend that computes relu exactly.
