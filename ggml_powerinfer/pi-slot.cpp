@@ -130,9 +130,6 @@ static void * ram_buffer_get_base(ggml_backend_buffer_t buffer) {
     return ((pi_ram_buffer *) buffer->context)->base;
 }
 
-// Reads a bundled layer into its three weights: gate and up as contiguous hot-first matrices
-// (repacked by the CPU backend where it would repack them), down as down_t.
-
 // Whether each of `rows` F16 rows of `cols` values (cols even) is [a, -a]: every value of its
 // second half the negation of the value cols/2 before it (+0 and -0 count as negations). fc1
 // (n_embd rows of rank) pairs columns; fc2 (rank rows of n_ff), read as one row, pairs rows.
@@ -153,6 +150,8 @@ static bool negated_pairs(const uint16_t * m, int64_t rows, int64_t cols) {
     return true;
 }
 
+// Reads a bundled layer into its three weights: gate and up as contiguous hot-first matrices
+// (repacked by the CPU backend where it would repack them), down as down_t.
 static bool load_bundled_layer(pi_model_slot * slot, const std::array<pi_ram_tensor *, 3> & parts) {
     const pi_bundle_layer * L = parts[0]->bundle;
     std::vector<char> staging[2];
