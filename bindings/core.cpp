@@ -337,8 +337,9 @@ PYBIND11_MODULE(_core, m) {
           "Dequantize rows of a ggml type to floats.");
     m.def("axpy_rows", &axpy_rows, py::arg("type"), py::arg("data"), py::arg("n_per_row"), py::arg("coefs"),
           "Sum of coefs[i] * row i, with the sparse FFN's down_t kernels.");
-    m.def("predictor_decode_bytes", &pi_predictor_decode_bytes, py::arg("n_embd"), py::arg("n_ff"), py::arg("rank"),
-          "Bytes of a rank-`rank` predictor that sparse decode reads per token (its cost model).");
+    m.def("predictor_decode_bytes", &pi_predictor_decode_bytes, py::arg("n_embd"), py::arg("n_ff"), py::arg("rank"), py::arg("linear"),
+          "Bytes sparse decode reads per token for a predictor of stored rank `rank`, held linear "
+          "(stored as ReLU pairs) or not: its cost model.");
     m.def("row_size", [](int type, int64_t n) { return ggml_row_size((ggml_type) type, n); },
           py::arg("type"), py::arg("n"));
 

@@ -241,13 +241,14 @@ static const double PI_GATHER_SPEED = 0.9;
 // text (recall 0.35) turns text into garbage. `sparse="predictor"` uses them regardless.
 static const float PI_MIN_RECALL = 0.995f;
 
-double pi_predictor_decode_bytes(int64_t n_embd, int64_t n_ff, int64_t rank) {
-    return 2.0 * n_embd * rank + 0.5 * 2.0 * rank * n_ff + 4.0 * n_ff;
+double pi_predictor_decode_bytes(int64_t n_embd, int64_t n_ff, int64_t rank, bool linear) {
+    const double fc1 = linear ? 0.5 : 1.0;
+    return fc1 * 2.0 * n_embd * rank + 0.5 * 2.0 * rank * n_ff + 4.0 * n_ff;
 }
 
-bool pi_predictor_worth_it(const pi_bundle_layer * L) {
+bool pi_predictor_worth_it(const pi_bundle_layer * L, bool linear) {
     const pi_bundle_predictor & P = L->predictor;
-    const double predictor_bytes = pi_predictor_decode_bytes(L->n_embd, L->n_ff, P.rank);
+    const double predictor_bytes = pi_predictor_decode_bytes(L->n_embd, L->n_ff, P.rank, linear);
     const double gate_bytes = (double) L->gate_row * L->n_ff;
     // a predictor that misses many active neurons (an imported one made for other text, say)
     // would change the model's output: every gate row instead

@@ -37,15 +37,15 @@ struct pi_bundle_predictor {
     float    recall = 1.0f;             // of truly active neurons, measured likewise (1: unknown)
 };
 
-// Bytes of a rank-`rank` predictor that sparse decode reads per token: fc1, about half of fc2
-// (rows of zero hidden units are skipped) and the bias. A linear predictor stored as ReLU pairs
-// is held at half the rank (pi-slot.h) and reads half of fc1: this overstates it by that half.
-double pi_predictor_decode_bytes(int64_t n_embd, int64_t n_ff, int64_t rank);
+// Bytes that sparse decode reads per token for a predictor of stored rank `rank`: fc1, about
+// half of fc2 (rows of zero hidden units are skipped) and the bias; or, for one stored as ReLU
+// pairs (`linear`, held as the rank/2 linear map: pi-slot.h), half of fc1 and of fc2, and the bias.
+double pi_predictor_decode_bytes(int64_t n_embd, int64_t n_ff, int64_t rank, bool linear);
 
-// Whether a layer's predictor saves time over computing every gate row with ggml's matmul: it
-// reads its decode bytes and the candidates' gate rows, at a lower speed than a dense matmul
-// streams the gate matrix.
-bool pi_predictor_worth_it(const struct pi_bundle_layer * L);
+// Whether a layer's predictor (held `linear` or not) saves time over computing every gate row
+// with ggml's matmul: it reads its decode bytes and the candidates' gate rows, at a lower speed
+// than a dense matmul streams the gate matrix.
+bool pi_predictor_worth_it(const struct pi_bundle_layer * L, bool linear);
 
 struct pi_bundle_layer {
     int      layer;        // block index in the model

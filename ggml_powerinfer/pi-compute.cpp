@@ -322,8 +322,10 @@ static void plan_sparse_layers(pi_compute_context * ctx, struct ggml_cgraph * cg
         s->slot   = slot;
         s->L      = L;
         // a predictor that would cost more than it saves is not used: every gate row instead
-        const bool use_predictor = mode == PI_SPARSE_PREDICTOR || (mode == PI_SPARSE_PREDICTED && pi_predictor_worth_it(L));
-        s->pred   = use_predictor ? pi_slot_predictor(slot, L) : nullptr;
+        const pi_predictor_ram * held = pi_slot_predictor(slot, L);
+        const bool use_predictor = mode == PI_SPARSE_PREDICTOR ||
+                                   (mode == PI_SPARSE_PREDICTED && held != nullptr && pi_predictor_worth_it(L, held->linear));
+        s->pred   = use_predictor ? held : nullptr;
         s->gate_out = s->pred == nullptr ? gate : nullptr; // every gate row: the graph's matmul
         s->x      = gate->src[1];
         s->gate   = gate_w;

@@ -150,8 +150,8 @@ def train_predictor(x: np.ndarray, active: np.ndarray, *, rank: int, x_val: Opti
 
 def linear(fc1: np.ndarray, fc2: np.ndarray, bias: np.ndarray) -> Predictor:
     """The linear map ``fc2 · (fc1 · x) + bias`` as a ReLU network of twice the rank:
-    relu(a) - relu(-a) = a. Exactly one unit of each pair is non-zero, and sparse decode skips
-    the fc2 rows of zero units, so it reads the linear map's fc2 once."""
+    relu(a) - relu(-a) = a. The backend recognises the negated pairs and holds the linear map
+    itself (half the rank; each weight read once per token)."""
     return Predictor(fc1=np.concatenate([fc1, -fc1], axis=1).astype(np.float32),
                      fc2=np.concatenate([fc2, -fc2], axis=0).astype(np.float32),
                      bias=bias.astype(np.float32), threshold=0.0)
@@ -212,7 +212,7 @@ def fit_linear_predictor(x: np.ndarray, gate: np.ndarray, *, x_val: np.ndarray, 
         pred = as_stored(linear(*_balanced(fc1, fc2 / rms), mean / rms))
         set_threshold(pred, xv, av, target_recall)
         q = evaluate(pred, xv, av)
-        cost = _core.predictor_decode_bytes(n_embd, n_ff, pred.rank) + q.predicted_fraction * gate_bytes
+        cost = _core.predictor_decode_bytes(n_embd, n_ff, pred.rank, True) + q.predicted_fraction * gate_bytes
         if best is None or cost < best[0]:
             best = (cost, pred, q)
     assert best is not None
