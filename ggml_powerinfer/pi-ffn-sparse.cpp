@@ -45,29 +45,6 @@ void pi_sparse_layer_prepare(pi_sparse_layer * s) {
     s->n_active    = 0;
 }
 
-// acc += sum_j a[j] * rows[j] over the rows with a non-zero coefficient, F16 rows of n values,
-// PI_AXPY_ROWS at a time (one load and store of acc per block for all of them).
-static void add_f16_rows(pi_axpy_fn axpy, int64_t n, const float * a, const uint16_t * rows, size_t stride,
-                         int64_t n_rows, float * acc) {
-    float coef[PI_AXPY_ROWS];
-    const char * ptr[PI_AXPY_ROWS];
-    int k = 0;
-    for (int64_t j = 0; j < n_rows; j++) {
-        if (a[j] == 0.0f) {
-            continue; // fc2: rows of zero hidden units (about half of a ReLU predictor's) are skipped
-        }
-        coef[k] = a[j];
-        ptr[k++] = (const char *) (rows + j*stride);
-        if (k == PI_AXPY_ROWS) {
-            axpy(n, k, coef, ptr, 0, nullptr, acc);
-            k = 0;
-        }
-    }
-    if (k > 0) {
-        axpy(n, k, coef, ptr, 0, nullptr, acc);
-    }
-}
-
 void pi_sparse_prepare_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     pi_sparse_layer * s = (pi_sparse_layer *) userdata;
     const pi_bundle_layer * L = s->L;
@@ -91,7 +68,7 @@ void pi_sparse_prepare_op(struct ggml_tensor * dst, int ith, int nth, void * use
     const int64_t r1 = r0 + per < rank ? r0 + per : rank;
     float * h = s->h.data();
     memset(h + r0, 0, sizeof(float) * (r1 - r0));
-    add_f16_rows(pi_axpy_kernel(GGML_TYPE_F16), r1 - r0, x, s->pred->fc1.data() + r0, (size_t) rank, L->n_embd, h + r0);
+    pi_axpy_f16_panel(r1 - r0, x, s->pred->fc1.data() + r0, (size_t) rank, L->n_embd, h + r0);
     if (!s->pred->linear) {
         for (int64_t r = r0; r < r1; r++) {
             h[r] = h[r] > 0.0f ? h[r] : 0.0f;
@@ -135,7 +112,6 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
     const pi_bundle_layer * L = s->L;
     const ggml_vec_dot_t vec_dot = ggml_get_type_traits_cpu((enum ggml_type) L->gate_type)->vec_dot;
     const pi_dot_rows_fn dot_rows = pi_dot_rows_kernel((enum ggml_type) L->gate_type);
-    const pi_axpy_fn axpy_f16 = pi_axpy_kernel(GGML_TYPE_F16);
     const int n = (int) L->n_embd;
     const char * gate = (const char *) s->gate->data;
     const char * up   = (const char *) s->up->data;
@@ -154,8 +130,8 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
         if (s->pred != nullptr) {
             memcpy(score, s->pred->bias.data() + i0, sizeof(float) * m);
             memset(score + m, 0, sizeof(float) * (NEURON_CHUNK - m)); // tiles are zero-padded: whole rows
-            add_f16_rows(axpy_f16, NEURON_CHUNK, s->h.data(), s->pred->fc2.data() + c*rank*NEURON_CHUNK,
-                         (size_t) NEURON_CHUNK, rank, score);
+            pi_axpy_f16_panel(NEURON_CHUNK, s->h.data(), s->pred->fc2.data() + c*rank*NEURON_CHUNK,
+                              (size_t) NEURON_CHUNK, rank, score);
         }
         // gate rows of the candidates, then the activation, then up rows of the neurons that fire
         bool  cand[NEURON_CHUNK];
