@@ -281,6 +281,10 @@ PI_GENERIC_AXPY(axpy_q5_1, GGML_TYPE_Q5_1)
 
 void pi_axpy_f16_panel(int64_t n, const float * a, const uint16_t * rows, size_t stride, int64_t n_rows, float * acc) {
 #ifdef PI_AXPY_AVX2
+    // strips of PI_PANEL_MAX columns: each reads its own cache lines of every row
+    for (; n > PI_PANEL_MAX; n -= PI_PANEL_MAX, rows += PI_PANEL_MAX, acc += PI_PANEL_MAX) {
+        f16_panel<PI_PANEL_MAX / 8>(a, rows, stride, n_rows, acc);
+    }
     if (f16_panel_avx2(n, a, rows, stride, n_rows, acc)) {
         return;
     }

@@ -61,12 +61,12 @@ def test_axpy_kernels_match_ggml_dequantization(type_name: str, n_blocks: int, n
     assert np.abs(got - want).max() <= 1e-6 * scale
 
 
-@given(width=st.integers(1, 80), n_rows=st.integers(0, 40), col=st.integers(0, 16), zero_every=st.integers(0, 4),
+@given(width=st.integers(1, 200), n_rows=st.integers(0, 40), col=st.integers(0, 16), zero_every=st.integers(0, 4),
        seed=st.integers(0, 2**31 - 1))
 @settings(max_examples=60, deadline=None)
 def test_f16_panel_matches_numpy(width: int, n_rows: int, col: int, zero_every: int, seed: int) -> None:
     """The predictor's products: a column slice of an F16 matrix (fc1's per-thread half of the rank,
-    or an fc2 tile), rows with a zero coefficient skipped; widths off the kernel's 8..64 steps too."""
+    or an fc2 tile), rows with a zero coefficient skipped; widths past one strip and off its 8-steps."""
     rng = np.random.default_rng(seed)
     rows = rng.standard_normal((n_rows, col + width + 3)).astype(np.float16)
     coefs = rng.standard_normal(n_rows).astype(np.float32)
