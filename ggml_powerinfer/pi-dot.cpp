@@ -15,9 +15,10 @@ static_assert(sizeof(pi_block_q8_0) == 34, "q8_0 block");
 
 // F16 -> F32 by table, as ggml's CPU backend does: a scale becomes one broadcast load from the
 // table instead of an insert, convert and broadcast on the vector shuffle unit, which the
-// nibble unpacking already keeps busy (8 gathered Q4_0 rows: ~15% faster).
+// nibble unpacking already keeps busy (8 gathered Q4_0 rows: ~15% faster). Our own copy:
+// ggml-cpu's ggml_table_f32_f16 is exported but declared only in its internal headers.
 static float f16_table[1 << 16];
-static const bool f16_table_ready = [] {
+[[maybe_unused]] static const bool f16_table_filled = [] { // at load, before any kernel runs
     for (uint32_t h = 0; h < (1u << 16); h++) {
         f16_table[h] = _cvtsh_ss((uint16_t) h);
     }
