@@ -185,20 +185,6 @@ py::array_t<float> axpy_rows(int type, u8_array data, int64_t n_per_row, f32_arr
     return out;
 }
 
-// acc + coefs @ rows[:, col:col+n] with the predictor's F16 panel kernel; rows is F16 (as uint16)
-py::array_t<float> axpy_f16_panel(py::array_t<uint16_t, py::array::c_style | py::array::forcecast> rows, int64_t col,
-                                  int64_t n, f32_array coefs, f32_array acc) {
-    if (rows.ndim() != 2 || rows.shape(0) != coefs.size() || col < 0 || n <= 0 || col + n > rows.shape(1) ||
-        acc.size() != n) {
-        throw py::value_error("rows must be coefs.size() x (>= col + n), acc of n values");
-    }
-    py::array_t<float> out((py::ssize_t) n);
-    std::copy(acc.data(), acc.data() + n, out.mutable_data());
-    pi_axpy_f16_panel(n, coefs.data(), rows.data() + col, (size_t) rows.shape(1), (int64_t) coefs.size(),
-                      out.mutable_data());
-    return out;
-}
-
 py::array_t<float> dequantize_rows(int type, u8_array data, int64_t n_per_row) {
     const ggml_type t = (ggml_type) type;
     if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0) {
@@ -351,8 +337,6 @@ PYBIND11_MODULE(_core, m) {
           "Dequantize rows of a ggml type to floats.");
     m.def("axpy_rows", &axpy_rows, py::arg("type"), py::arg("data"), py::arg("n_per_row"), py::arg("coefs"),
           "Sum of coefs[i] * row i, with the sparse FFN's down_t kernels.");
-    m.def("axpy_f16_panel", &axpy_f16_panel, py::arg("rows"), py::arg("col"), py::arg("n"), py::arg("coefs"),
-          py::arg("acc"), "acc + coefs @ rows[:, col:col+n] (F16 rows as uint16), with the predictor's kernel.");
     m.def("predictor_decode_bytes", &pi_predictor_decode_bytes, py::arg("n_embd"), py::arg("n_ff"), py::arg("rank"), py::arg("linear"),
           "Bytes sparse decode reads per token for a predictor of stored rank `rank`, held linear "
           "(stored as ReLU pairs) or not: its cost model.");

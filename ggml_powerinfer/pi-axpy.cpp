@@ -226,44 +226,6 @@ static void axpy_f16(int64_t n, int n_rows, const float * a, const char * const 
     }
 }
 
-// W vectors of 8 accumulators, in registers across all rows
-template <int W>
-static void f16_panel(const float * a, const uint16_t * rows, size_t stride, int64_t n_rows, float * acc) {
-    __m256 sum[W];
-    for (int k = 0; k < W; k++) {
-        sum[k] = _mm256_loadu_ps(acc + 8*k);
-    }
-    for (int64_t j = 0; j < n_rows; j++) {
-        if (a[j] == 0.0f) {
-            continue;
-        }
-        const __m256 s = _mm256_set1_ps(a[j]);
-        const __m128i * x = (const __m128i *) (rows + (size_t) j*stride);
-        for (int k = 0; k < W; k++) {
-            sum[k] = _mm256_fmadd_ps(s, _mm256_cvtph_ps(_mm_loadu_si128(x + k)), sum[k]);
-        }
-    }
-    for (int k = 0; k < W; k++) {
-        _mm256_storeu_ps(acc + 8*k, sum[k]);
-    }
-}
-
-static bool f16_panel_avx2(int64_t n, const float * a, const uint16_t * rows, size_t stride, int64_t n_rows,
-                           float * acc) {
-    switch (n) {
-        case  8: f16_panel<1>(a, rows, stride, n_rows, acc); return true;
-        case 16: f16_panel<2>(a, rows, stride, n_rows, acc); return true;
-        case 24: f16_panel<3>(a, rows, stride, n_rows, acc); return true;
-        case 32: f16_panel<4>(a, rows, stride, n_rows, acc); return true;
-        case 40: f16_panel<5>(a, rows, stride, n_rows, acc); return true;
-        case 48: f16_panel<6>(a, rows, stride, n_rows, acc); return true;
-        case 56: f16_panel<7>(a, rows, stride, n_rows, acc); return true;
-        case 64: f16_panel<8>(a, rows, stride, n_rows, acc); return true;
-        default: return false;
-    }
-}
-static_assert(PI_PANEL_MAX == 64, "the dispatch above covers 8..64");
-
 #define axpy_q8_0 axpy_rows<dec_q8_0>
 #define axpy_q4_0 axpy_rows<dec_q4_0>
 #define axpy_q5_0 axpy_rows<dec_q5_0>
@@ -278,35 +240,6 @@ PI_GENERIC_AXPY(axpy_q5_0, GGML_TYPE_Q5_0)
 PI_GENERIC_AXPY(axpy_q5_1, GGML_TYPE_Q5_1)
 
 #endif
-
-void pi_axpy_f16_panel(int64_t n, const float * a, const uint16_t * rows, size_t stride, int64_t n_rows, float * acc) {
-#ifdef PI_AXPY_AVX2
-    // strips of PI_PANEL_MAX columns: each reads its own cache lines of every row
-    for (; n > PI_PANEL_MAX; n -= PI_PANEL_MAX, rows += PI_PANEL_MAX, acc += PI_PANEL_MAX) {
-        f16_panel<PI_PANEL_MAX / 8>(a, rows, stride, n_rows, acc);
-    }
-    if (f16_panel_avx2(n, a, rows, stride, n_rows, acc)) {
-        return;
-    }
-#endif
-    float coef[PI_AXPY_ROWS];
-    const char * ptr[PI_AXPY_ROWS];
-    int k = 0;
-    for (int64_t j = 0; j < n_rows; j++) {
-        if (a[j] == 0.0f) {
-            continue;
-        }
-        coef[k] = a[j];
-        ptr[k++] = (const char *) (rows + (size_t) j*stride);
-        if (k == PI_AXPY_ROWS) {
-            axpy_f16(n, k, coef, ptr, 0, nullptr, acc);
-            k = 0;
-        }
-    }
-    if (k > 0) {
-        axpy_f16(n, k, coef, ptr, 0, nullptr, acc);
-    }
-}
 
 pi_axpy_fn pi_axpy_kernel(enum ggml_type type) {
     switch (type) {

@@ -20,11 +20,3 @@ typedef void (*pi_axpy_fn)(int64_t n, int n_rows, const float * a, const char * 
 // The kernel for a type: vectorised for F32, F16, Q8_0, Q5_0, Q5_1 and Q4_0 on AVX2 CPUs, else
 // the type's to_float through a small buffer. nullptr if the type cannot be dequantized.
 pi_axpy_fn pi_axpy_kernel(enum ggml_type type);
-
-// acc[0..n) += sum over j < n_rows with a[j] != 0 of a[j] * rows[j*stride + 0..n), F16 rows:
-// the predictor's two products, whose rows are short (half the rank, or a tile of neurons) and
-// many (n_embd, or the rank).
-// acc stays in registers for all rows, PI_PANEL_MAX columns at a time; a last strip whose width
-// is not a multiple of 8 goes through the F16 axpy kernel.
-constexpr int64_t PI_PANEL_MAX = 64;
-void pi_axpy_f16_panel(int64_t n, const float * a, const uint16_t * rows, size_t stride, int64_t n_rows, float * acc);

@@ -242,8 +242,10 @@ static const double PI_GATHER_SPEED = 0.9;
 static const float PI_MIN_RECALL = 0.995f;
 
 double pi_predictor_decode_bytes(int64_t n_embd, int64_t n_ff, int64_t rank, bool linear) {
-    const double fc1 = linear ? 0.5 : 1.0;
-    return fc1 * 2.0 * n_embd * rank + 0.5 * 2.0 * rank * n_ff + 4.0 * n_ff;
+    const int64_t held = linear ? rank / 2 : rank;
+    const auto padded = [](int64_t n) { return (n + 31) / 32 * 32; };
+    return (double) ggml_row_size(GGML_TYPE_Q8_0, padded(n_embd)) * held +
+           (double) ggml_row_size(GGML_TYPE_Q8_0, padded(held)) * n_ff + 4.0 * n_ff;
 }
 
 bool pi_predictor_worth_it(const pi_bundle_layer * L, bool linear) {

@@ -37,9 +37,9 @@ struct pi_bundle_predictor {
     float    recall = 1.0f;             // of truly active neurons, measured likewise (1: unknown)
 };
 
-// Bytes that sparse decode reads per token for a predictor of stored rank `rank`: fc1, about
-// half of fc2 (rows of zero hidden units are skipped) and the bias; or, for one stored as ReLU
-// pairs (`linear`, held as the rank/2 linear map: pi-slot.h), half of fc1 and of fc2, and the bias.
+// Bytes that sparse decode reads per token for a predictor of stored rank `rank`, as memory holds
+// it (Q8_0 rows, pi-slot.h): fc1, fc2 and the bias; for one stored as ReLU pairs (`linear`,
+// held as the rank/2 linear map) half the hidden units.
 double pi_predictor_decode_bytes(int64_t n_embd, int64_t n_ff, int64_t rank, bool linear);
 
 // Whether a layer's predictor (held `linear` or not) saves time over computing every gate row

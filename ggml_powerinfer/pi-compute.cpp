@@ -331,7 +331,7 @@ static void plan_sparse_layers(pi_compute_context * ctx, struct ggml_cgraph * cg
         s->gate   = gate_w;
         s->up     = up_w;
         s->down_t = down_t;
-        pi_sparse_layer_prepare(s);
+        pi_sparse_layer_prepare(s, ctx->n_threads);
         ctx->sparse_by_down[down] = s;
         if (s->gate_out == nullptr) {
             ctx->sparse_skipped.insert(gate);

@@ -10,10 +10,13 @@
 
 #include <cstring>
 
-// Neurons per work unit of op 2: one predictor tile. Units go round-robin to the threads:
-// activity falls off smoothly along the hot-first order, so neighbouring units cost about the
-// same.
-static const int64_t NEURON_CHUNK = PI_PREDICTOR_TILE;
+// Neurons per work unit of op 2. Threads claim units in hot-first order from a shared counter,
+// so that neither waits long at the barrier whatever a token's active set (a unit costs about
+// as much as it has neurons predicted).
+static const int64_t NEURON_CHUNK = 128;
+
+// Values per Q8_0 block (GGUF's format fixes it)
+static const int64_t Q8_0_BLOCK = 32;
 
 bool pi_sparse_supported(const pi_bundle_layer * L, const struct ggml_tensor * gate, const struct ggml_tensor * up,
                          const struct ggml_tensor * down_t) {
@@ -35,21 +38,62 @@ bool pi_sparse_supported(const pi_bundle_layer * L, const struct ggml_tensor * g
     return pi_axpy_kernel(down_t->type) != nullptr;
 }
 
-void pi_sparse_layer_prepare(pi_sparse_layer * s) {
+void pi_sparse_layer_prepare(pi_sparse_layer * s, int n_threads) {
     const pi_bundle_layer * L = s->L;
+    const pi_predictor_ram * P = s->pred;
     const enum ggml_type dot_type = ggml_get_type_traits_cpu((enum ggml_type) L->gate_type)->vec_dot_type;
+    s->n_threads = n_threads;
     s->xq.resize(ggml_row_size(dot_type, L->n_embd));
-    s->h.resize(s->pred != nullptr ? (size_t) s->pred->rank : 0);
+    s->x8.resize(P != nullptr ? ggml_row_size(GGML_TYPE_Q8_0, P->n_embd_padded) * n_threads : 0);
+    s->h.assign(P != nullptr ? (size_t) P->rank_padded : 0, 0.0f); // the padding stays zero
+    s->h8.resize(P != nullptr ? ggml_row_size(GGML_TYPE_Q8_0, P->rank_padded) * n_threads : 0);
     s->act.resize((size_t) L->n_ff);
     s->n_predicted = 0;
     s->n_active    = 0;
+}
+
+// out[j] = dot(row j, y) for the first n_rows rows of a row-major matrix of Q8_0 rows of n
+// values: the group kernel on PI_DOT_ROWS rows at a time (the next group prefetched), or vec_dot.
+static void q8_0_row_dots(int n, const char * rows, size_t stride, int64_t n_rows, const void * y, float * out) {
+    const pi_dot_rows_fn dot_rows = pi_dot_rows_kernel(GGML_TYPE_Q8_0);
+    if (dot_rows == nullptr) {
+        const ggml_vec_dot_t vec_dot = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0)->vec_dot;
+        for (int64_t j = 0; j < n_rows; j++) {
+            vec_dot(n, &out[j], 0, rows + (size_t) j*stride, 0, y, 0, 1);
+        }
+        return;
+    }
+    const char * ptr[2 * PI_DOT_ROWS];
+    for (int64_t j = 0; j < n_rows; j += PI_DOT_ROWS) {
+        const int n_cur  = (int) (n_rows - j < PI_DOT_ROWS ? n_rows - j : PI_DOT_ROWS);
+        const int64_t k  = j + n_cur;
+        const int n_next = (int) (n_rows - k < PI_DOT_ROWS ? n_rows - k : PI_DOT_ROWS);
+        for (int r = 0; r < n_cur + n_next; r++) {
+            ptr[r] = rows + (size_t) (j + r)*stride;
+        }
+        dot_rows(n, n_cur, out + j, ptr, n_next, ptr + n_cur, y);
+    }
+}
+
+// v (n values) as Q8_0 blocks of n_padded values, the tail block zero-padded.
+static void quantize_q8_0_padded(const float * v, int64_t n, int64_t n_padded, char * dst) {
+    const ggml_from_float_t quantize = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0)->from_float;
+    const int64_t full = n / Q8_0_BLOCK * Q8_0_BLOCK;
+    quantize(v, dst, full);
+    if (full < n_padded) {
+        float tail[Q8_0_BLOCK] = { 0.0f };
+        memcpy(tail, v + full, sizeof(float) * (size_t) (n - full));
+        quantize(tail, dst + ggml_row_size(GGML_TYPE_Q8_0, full), Q8_0_BLOCK);
+    }
 }
 
 void pi_sparse_prepare_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     pi_sparse_layer * s = (pi_sparse_layer *) userdata;
     const pi_bundle_layer * L = s->L;
     const float * x = (const float *) s->x->data;
+    GGML_ASSERT(nth <= s->n_threads);
     if (ith == 0) {
+        s->next_chunk.store(0, std::memory_order_relaxed); // op 2 starts after the graph's barrier
         const struct ggml_type_traits_cpu * tt = ggml_get_type_traits_cpu((enum ggml_type) L->gate_type);
         if (tt->vec_dot_type == GGML_TYPE_F32) {
             memcpy(s->xq.data(), x, sizeof(float) * L->n_embd);
@@ -57,19 +101,21 @@ void pi_sparse_prepare_op(struct ggml_tensor * dst, int ith, int nth, void * use
             ggml_get_type_traits_cpu(tt->vec_dot_type)->from_float(x, s->xq.data(), L->n_embd);
         }
     }
-    if (s->pred == nullptr) {
+    const pi_predictor_ram * P = s->pred;
+    if (P == nullptr) {
         return;
     }
-    // h = relu(x . fc1) (x . fc1 for a linear predictor): each thread a slice of the rank, fc1's
-    // rows read once by the team
-    const int64_t rank = s->pred->rank;
-    const int64_t per = ((rank + nth - 1) / nth + 7) / 8 * 8;
-    const int64_t r0 = per * ith < rank ? per * ith : rank;
-    const int64_t r1 = r0 + per < rank ? r0 + per : rank;
+    // h = relu(x . fc1) (x . fc1 for a linear predictor): each thread a slice of the rank, with
+    // its own copy of x in Q8_0 (quantizing it is cheaper than another barrier)
+    const size_t x8_row = ggml_row_size(GGML_TYPE_Q8_0, P->n_embd_padded);
+    char * x8 = s->x8.data() + x8_row * ith;
+    quantize_q8_0_padded(x, L->n_embd, P->n_embd_padded, x8);
+    const int64_t per = (P->rank + nth - 1) / nth;
+    const int64_t r0 = per * ith < P->rank ? per * ith : P->rank;
+    const int64_t r1 = r0 + per < P->rank ? r0 + per : P->rank;
     float * h = s->h.data();
-    memset(h + r0, 0, sizeof(float) * (r1 - r0));
-    pi_axpy_f16_panel(r1 - r0, x, s->pred->fc1.data() + r0, (size_t) rank, L->n_embd, h + r0);
-    if (!s->pred->linear) {
+    q8_0_row_dots((int) P->n_embd_padded, P->fc1.data() + x8_row * r0, x8_row, r1 - r0, x8, h + r0);
+    if (!P->linear) {
         for (int64_t r = r0; r < r1; r++) {
             h[r] = h[r] > 0.0f ? h[r] : 0.0f;
         }
@@ -118,20 +164,26 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
     const size_t row  = L->gate_row;
     const void * xq   = s->xq.data();
     float * act = s->act.data();
-    const int64_t rank = s->pred != nullptr ? s->pred->rank : 0;
-    const float threshold = s->pred != nullptr ? L->predictor.threshold : 0.0f;
+    const pi_predictor_ram * P = s->pred;
+    const float threshold = P != nullptr ? L->predictor.threshold : 0.0f;
     const int64_t n_chunks = (L->n_ff + NEURON_CHUNK - 1) / NEURON_CHUNK;
     uint64_t n_predicted = 0, n_active = 0;
+    // this thread's copy of h in Q8_0: the scores are dots of fc2 rows with it
+    const size_t h8_row = P != nullptr ? ggml_row_size(GGML_TYPE_Q8_0, P->rank_padded) : 0;
+    char * h8 = P != nullptr ? s->h8.data() + h8_row * ith : nullptr;
+    if (P != nullptr) {
+        quantize_q8_0_padded(s->h.data(), P->rank_padded, P->rank_padded, h8);
+    }
     float score[NEURON_CHUNK];
 
-    for (int64_t c = ith; c < n_chunks; c += nth) {
+    for (int64_t c; (c = s->next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
         const int64_t i0 = c * NEURON_CHUNK;
         const int64_t m  = i0 + NEURON_CHUNK <= L->n_ff ? NEURON_CHUNK : L->n_ff - i0;
-        if (s->pred != nullptr) {
-            memcpy(score, s->pred->bias.data() + i0, sizeof(float) * m);
-            memset(score + m, 0, sizeof(float) * (NEURON_CHUNK - m)); // tiles are zero-padded: whole rows
-            pi_axpy_f16_panel(NEURON_CHUNK, s->h.data(), s->pred->fc2.data() + c*rank*NEURON_CHUNK,
-                              (size_t) NEURON_CHUNK, rank, score);
+        if (P != nullptr) {
+            q8_0_row_dots((int) P->rank_padded, P->fc2.data() + h8_row * i0, h8_row, m, h8, score);
+            for (int64_t k = 0; k < m; k++) {
+                score[k] += P->bias[i0 + k];
+            }
         }
         // gate rows of the candidates, then the activation, then up rows of the neurons that fire
         bool  cand[NEURON_CHUNK];
@@ -139,7 +191,7 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
         int   list[NEURON_CHUNK];
         int   n_list = 0;
         for (int64_t k = 0; k < m; k++) {
-            cand[k] = s->pred == nullptr || score[k] >= threshold;
+            cand[k] = P == nullptr || score[k] >= threshold;
             if (cand[k]) {
                 list[n_list++] = (int) k;
             }
@@ -168,7 +220,7 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
     }
     s->n_predicted += n_predicted;
     s->n_active    += n_active;
-    (void) dst;
+    (void) dst; (void) nth;
 }
 
 void pi_sparse_down_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {

@@ -1,11 +1,12 @@
 // The sparse FFN of a bundled layer for one token (PowerInfer-2's decode path), as three ggml
 // custom ops that run one after the other on ggml's threads (the graph gives the barriers):
 //   1. prepare: x converted to the gate type's vec_dot_type; predictor hidden h = relu(x . fc1)
-//               (x . fc1 for a linear predictor)
-//   2. neurons: predictor scores pick candidate neurons; their gate rows, the activation, and
-//               the up rows of those that fire give act[i] (0 for every other neuron). Without
-//               a predictor every gate row is needed: the graph's own gate matmul computes them
-//               (ggml's dense kernel reads rows faster than gathered row dots) and op 2 reads it.
+//               (x . fc1 for a linear predictor), Q8_0 dots, each thread a slice of the rank
+//   2. neurons: predictor scores (Q8_0 dots of fc2 rows with h) pick candidate neurons; their
+//               gate rows, the activation, and the up rows of those that fire give act[i] (0 for
+//               every other neuron). Without a predictor every gate row is needed: the graph's
+//               own gate matmul computes them (ggml's dense kernel reads rows faster than
+//               gathered row dots) and op 2 reads it.
 //   3. down:    y = sum over firing neurons of act[i] * down_t[i], a column slice per thread
 #pragma once
 
@@ -29,9 +30,13 @@ struct pi_sparse_layer {
     const struct ggml_tensor * gate     = nullptr; // host tensors: plain hot-first rows
     const struct ggml_tensor * up       = nullptr;
     const struct ggml_tensor * down_t   = nullptr;
+    int                        n_threads = 1;      // most threads the ops run on
     std::vector<char>          xq;                 // x in the gate type's vec_dot_type
-    std::vector<float>         h;                  // predictor hidden (rank)
+    std::vector<char>          x8;                 // per thread: x in Q8_0 (fc1's input)
+    std::vector<float>         h;                  // predictor hidden (rank_padded, zero-padded)
+    std::vector<char>          h8;                 // per thread: h in Q8_0 (fc2's input)
     std::vector<float>         act;                // per neuron: activation * up, or 0
+    std::atomic<int64_t>       next_chunk{0};      // op 2's work queue: the next unclaimed chunk
     std::atomic<uint64_t>      n_predicted{0};
     std::atomic<uint64_t>      n_active{0};
 };
@@ -41,8 +46,8 @@ struct pi_sparse_layer {
 bool pi_sparse_supported(const pi_bundle_layer * L, const struct ggml_tensor * gate, const struct ggml_tensor * up,
                          const struct ggml_tensor * down_t);
 
-// Sizes the scratch of `s` for its layer; call before the ops run.
-void pi_sparse_layer_prepare(pi_sparse_layer * s);
+// Sizes the scratch of `s` for its layer and up to `n_threads` threads; call before the ops run.
+void pi_sparse_layer_prepare(pi_sparse_layer * s, int n_threads);
 
 // The three ops; userdata is the pi_sparse_layer. Ops 1 and 2 write only the scratch; op 3's
 // dst is the FFN output (n_embd f32).

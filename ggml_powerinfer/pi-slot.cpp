@@ -4,6 +4,7 @@
 #include "ggml-cpu.h"
 #include "gguf.h"
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -150,6 +151,34 @@ static bool negated_pairs(const uint16_t * m, int64_t rows, int64_t cols) {
     return true;
 }
 
+// The first P->rank hidden units of a file predictor (fc1: n_embd rows of `rank` F16; fc2: `rank`
+// rows of n_ff F16) as P's Q8_0 rows: fc1 by hidden unit, fc2 by neuron, both zero-padded.
+static void hold_predictor_q8_0(pi_predictor_ram * P, const uint16_t * fc1, const uint16_t * fc2, int64_t rank,
+                                int64_t n_embd, int64_t n_ff) {
+    const ggml_from_float_t quantize = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0)->from_float;
+    const int64_t block = ggml_blck_size(GGML_TYPE_Q8_0);
+    P->rank_padded   = (P->rank + block - 1) / block * block;
+    P->n_embd_padded = (n_embd + block - 1) / block * block;
+    const size_t fc1_row = ggml_row_size(GGML_TYPE_Q8_0, P->n_embd_padded);
+    const size_t fc2_row = ggml_row_size(GGML_TYPE_Q8_0, P->rank_padded);
+    P->fc1.resize(fc1_row * (size_t) P->rank);
+    P->fc2.resize(fc2_row * (size_t) n_ff);
+    std::vector<float> row((size_t) std::max(P->n_embd_padded, P->rank_padded), 0.0f);
+    for (int64_t r = 0; r < P->rank; r++) {
+        for (int64_t j = 0; j < n_embd; j++) {
+            row[j] = ggml_fp16_to_fp32(fc1[j*rank + r]);
+        }
+        quantize(row.data(), P->fc1.data() + r*fc1_row, P->n_embd_padded);
+    }
+    std::fill(row.begin(), row.end(), 0.0f);
+    for (int64_t i = 0; i < n_ff; i++) {
+        for (int64_t r = 0; r < P->rank; r++) {
+            row[r] = ggml_fp16_to_fp32(fc2[r*n_ff + i]);
+        }
+        quantize(row.data(), P->fc2.data() + i*fc2_row, P->rank_padded);
+    }
+}
+
 // Reads a bundled layer into its three weights: gate and up as contiguous hot-first matrices
 // (repacked by the CPU backend where it would repack them), down as down_t.
 static bool load_bundled_layer(pi_model_slot * slot, const std::array<pi_ram_tensor *, 3> & parts) {
@@ -187,19 +216,8 @@ static bool load_bundled_layer(pi_model_slot * slot, const std::array<pi_ram_ten
         }
         P.linear = negated_pairs(fc1.data(), L->n_embd, rank) && negated_pairs(fc2.data(), 1, rank * L->n_ff);
         P.rank   = P.linear ? rank / 2 : rank;
-        P.fc1.resize((size_t) (L->n_embd * P.rank));
-        for (int64_t j = 0; j < L->n_embd; j++) {
-            memcpy(P.fc1.data() + j*P.rank, fc1.data() + j*rank, sizeof(uint16_t) * P.rank);
-        }
-        const int64_t n_tiles = (L->n_ff + PI_PREDICTOR_TILE - 1) / PI_PREDICTOR_TILE;
-        P.fc2.assign((size_t) (n_tiles * P.rank * PI_PREDICTOR_TILE), 0);
-        for (int64_t r = 0; r < P.rank; r++) {
-            for (int64_t i = 0; i < L->n_ff; i++) {
-                const int64_t t = i / PI_PREDICTOR_TILE;
-                P.fc2[(size_t) ((t*P.rank + r)*PI_PREDICTOR_TILE + i % PI_PREDICTOR_TILE)] = fc2[(size_t) (r*L->n_ff + i)];
-            }
-        }
-        slot->resident_bytes += 2 * (P.fc1.size() + P.fc2.size()) + 4 * P.bias.size();
+        hold_predictor_q8_0(&P, fc1.data(), fc2.data(), rank, L->n_embd, L->n_ff);
+        slot->resident_bytes += P.fc1.size() + P.fc2.size() + sizeof(float) * P.bias.size();
     }
     return true;
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -58,24 +59,6 @@ def test_axpy_kernels_match_ggml_dequantization(type_name: str, n_blocks: int, n
     want = coefs.astype(np.float64) @ _core.dequantize_rows(t, data, n_blocks * block).astype(np.float64)
     got = _core.axpy_rows(t, data, n_blocks * block, coefs)
     scale = np.abs(coefs).sum() * np.abs(rows).max() + 1e-30
-    assert np.abs(got - want).max() <= 1e-6 * scale
-
-
-@given(width=st.integers(1, 200), n_rows=st.integers(0, 40), col=st.integers(0, 16), zero_every=st.integers(0, 4),
-       seed=st.integers(0, 2**31 - 1))
-@settings(max_examples=60, deadline=None)
-def test_f16_panel_matches_numpy(width: int, n_rows: int, col: int, zero_every: int, seed: int) -> None:
-    """The predictor's products: a column slice of an F16 matrix (fc1's per-thread half of the rank,
-    or an fc2 tile), rows with a zero coefficient skipped; widths past one strip and off its 8-steps."""
-    rng = np.random.default_rng(seed)
-    rows = rng.standard_normal((n_rows, col + width + 3)).astype(np.float16)
-    coefs = rng.standard_normal(n_rows).astype(np.float32)
-    if zero_every:
-        coefs[::zero_every] = 0.0
-    acc = rng.standard_normal(width).astype(np.float32)
-    got = _core.axpy_f16_panel(rows.view(np.uint16), col, width, coefs, acc)
-    want = acc.astype(np.float64) + coefs.astype(np.float64) @ rows[:, col:col + width].astype(np.float64)
-    scale = np.abs(acc).max() + np.abs(coefs).sum() * 4.0
     assert np.abs(got - want).max() <= 1e-6 * scale
 
 
@@ -144,7 +127,7 @@ def test_predicted_sparse_decode_is_close_to_dense_and_skips_work(with_predictor
 def test_relu_pair_predictors_are_held_as_linear_maps(with_predictors: tuple, tmp_path: Path) -> None:
     """A predictor stored as ReLU pairs (fc1 = [A, -A], fc2 = [C; -C]) is the linear map C·A·x:
     the backend holds it at half the rank (half its RAM; decode reads each weight once) and
-    selects the same neurons as the ReLU network it is stored as."""
+    selects the same neurons as the ReLU network it is stored as, up to Q8_0 rounding."""
     pf = with_predictors[0]
     # a copy in which one value of one pair is not the exact negation: the ReLU form is kept.
     # The value changed by one F16 step is layer 0's smallest, so scores barely move.
@@ -169,10 +152,15 @@ def test_relu_pair_predictors_are_held_as_linear_maps(with_predictors: tuple, tm
         finally:
             llm.close()
     (paired, paired_stats), (relu, relu_stats) = results[pf.path], results[unpaired]
-    # only layer 0 of the copy keeps its stored rank r: r/2 more hidden units of F16 fc1 and fc2
+    # only layer 0 of the copy keeps its stored rank r: r/2 more hidden units, held as Q8_0 rows
+    # (fc1: one row of n_embd per unit; fc2: one row of the rank per neuron)
+    q8 = int(gguf.GGMLQuantizationType.Q8_0)
     saved = relu_stats["ffn_resident_bytes"] - paired_stats["ffn_resident_bytes"]
-    assert saved == 2 * (r // 2) * (L0.n_embd + L0.n_ff)
-    assert paired_stats["neurons_predicted"] == relu_stats["neurons_predicted"]
+    assert saved == (r // 2) * _core.row_size(q8, L0.n_embd) + L0.n_ff * (_core.row_size(q8, r) - _core.row_size(q8, r // 2))
+    # the same scores up to the Q8_0 rounding of h, quantized as relu(a) and relu(-a) in one form
+    # and as a in the other: a handful of neurons at the threshold go the other way
+    pairs, relus = paired_stats["neurons_predicted"], relu_stats["neurons_predicted"]
+    assert abs(pairs - relus) <= 1e-3 * relus, (pairs, relus)
     same = quality.compare(paired, relu)
     assert same.top1 == 1.0 and same.kl_mean < 1e-6, same
 
