@@ -192,3 +192,23 @@ def test_sparse_needs_a_powerinfer_model(synthetic_models: dict[str, Path]) -> N
 def test_bad_sparse_argument(converted: dict[str, fmt.PowerInferFile]) -> None:
     with pytest.raises(ValueError, match="sparse must be"):
         powerinfer.Llama(converted["f16"].path, sparse="sometimes", verbose=False)
+
+
+def test_predictor_as_held_keeps_its_held_out_recall(with_predictors: tuple) -> None:
+    """The backend holds each predictor as Q8_0 rows, fc2 transposed to one row per neuron: on
+    the same tokens, the neurons that fire under the predictor are nearly all of those that fire
+    under the oracle (every gate row), as the recall measured at conversion says they should be."""
+    pf = with_predictors[0]
+    llm = powerinfer.Llama(pf.path, **KW)
+    try:
+        tokens = _tokens(llm, 64)
+        fired = {}
+        for mode in ("oracle", "predictor"):
+            llm.reset_powerinfer_stats()
+            _decode_logits(llm, mode, tokens)
+            fired[mode] = llm.powerinfer_stats()["neurons_active"]
+    finally:
+        llm.close()
+    held_out = min(float(p["recall"]) for p in pf.predictors.values())
+    recall = fired["predictor"] / fired["oracle"]
+    assert held_out - 0.02 <= recall <= 1.0, (recall, held_out)
