@@ -185,35 +185,36 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
                 score[k] += P->bias[i0 + k];
             }
         }
-        // gate rows of the candidates, then the activation, then up rows of the neurons that fire
-        bool  cand[NEURON_CHUNK];
-        float g[NEURON_CHUNK];
-        int   list[NEURON_CHUNK];
-        int   n_list = 0;
+        // gate rows of the candidates, then the activation, then up rows of the neurons that
+        // fire; lists built without branches (which candidates pass is close to a coin toss)
+        int list[NEURON_CHUNK];
+        int n_list = 0;
         for (int64_t k = 0; k < m; k++) {
-            cand[k] = P == nullptr || score[k] >= threshold;
-            if (cand[k]) {
-                list[n_list++] = (int) k;
-            }
+            list[n_list] = (int) k;
+            n_list += P == nullptr || score[k] >= threshold;
         }
         n_predicted += (uint64_t) (s->gate_out != nullptr ? m : n_list);
+        float g[NEURON_CHUNK];
         if (s->gate_out != nullptr) {
             memcpy(g, (const float *) s->gate_out->data + i0, sizeof(float) * m);
         } else {
             gathered_dots(vec_dot, dot_rows, n, gate + i0*row, row, list, n_list, xq, g);
         }
         float a[NEURON_CHUNK];
-        float u[NEURON_CHUNK];
-        n_list = 0;
-        for (int64_t k = 0; k < m; k++) {
-            a[k] = cand[k] ? pi_gate_activation(L, g[k]) : 0.0f;
-            if (a[k] != 0.0f) {
-                list[n_list++] = (int) k;
-            }
+        int fire[NEURON_CHUNK];
+        int n_fire = 0;
+        for (int j = 0; j < n_list; j++) {
+            const int k = list[j];
+            a[k] = pi_gate_activation(L, g[k]);
+            fire[n_fire] = k;
+            n_fire += a[k] != 0.0f;
         }
-        gathered_dots(vec_dot, dot_rows, n, up + i0*row, row, list, n_list, xq, u);
-        for (int64_t k = 0; k < m; k++) {
-            const float y = a[k] == 0.0f ? 0.0f : a[k] * (L->activation == PI_ACT_DRELU ? relu(u[k]) : u[k]);
+        float u[NEURON_CHUNK];
+        gathered_dots(vec_dot, dot_rows, n, up + i0*row, row, fire, n_fire, xq, u);
+        memset(act + i0, 0, sizeof(float) * m);
+        for (int j = 0; j < n_fire; j++) {
+            const int k = fire[j];
+            const float y = a[k] * (L->activation == PI_ACT_DRELU ? relu(u[k]) : u[k]);
             act[i0 + k] = y;
             n_active += y != 0.0f;
         }
