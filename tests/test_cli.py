@@ -44,6 +44,32 @@ def test_make_test_model_then_bench_and_run(tmp_path: Path) -> None:
     assert "ffn_bytes_read" in proc.stderr
 
 
+def test_bench_runs_repetitions_in_rounds(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each round runs every mode once (a slow spell of the machine hits all of them alike), the
+    modes of a round on the same seed; speeds and counters are gathered per mode."""
+    import json
+    from powerinfer import bench
+
+    calls: list[tuple[str, int]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        mode, reps, seed = cmd[4], int(cmd[9]), int(cmd[10])
+        calls.append((mode, seed))
+        assert reps == 1
+        out = {"results": {"pp8": [100.0 + len(calls)], "tg4": [10.0 + len(calls)]},
+               "peak_rss_bytes": 1000 * len(calls), "stats": {"neurons_total": 10, "neurons_predicted": 3}}
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(out) + "\n", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    rows = bench.run(str(tiny_model), modes=("stock", "ram"), threads=1, n_prompt=8, n_gen=4, reps=3, seed=5)
+    assert calls == [("stock", 5), ("ram", 5), ("stock", 6), ("ram", 6), ("stock", 7), ("ram", 7)]
+    by = {(r.mode, r.test): r for r in rows}
+    assert by["stock", "pp8"].tokens_per_second == [101.0, 103.0, 105.0]
+    assert by["ram", "tg4"].tokens_per_second == [12.0, 14.0, 16.0]
+    assert by["ram", "tg4"].peak_rss_bytes == 6000
+    assert by["stock", "pp8"].stats == {"neurons_total": 30, "neurons_predicted": 9}
+
+
 def test_clear_error_for_a_bad_model(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_text("not a model")

@@ -1,7 +1,9 @@
 """llama-bench style benchmark: stock llama-cpp-python and PowerInfer on one model, in one run.
 
-Every configuration runs in a fresh subprocess, one after the other, so that each has its own
-peak RSS and none inherits another's allocations. Like llama-bench, the tokens are random:
+Every configuration runs in a fresh subprocess, so that each has its own peak RSS and none
+inherits another's allocations, and the repetitions go in rounds: each round runs every
+configuration once, one after the other, so that a slow spell of a noisy machine falls on all of
+them alike rather than on whichever ran then. Like llama-bench, the tokens are random:
 prompt processing (pp) decodes n_prompt tokens as one batch on an empty cache, text generation
 (tg) decodes n_gen tokens one at a time, both after a warm-up.
 
@@ -135,9 +137,10 @@ def default_modes(model: str) -> tuple[str, ...]:
 
 def run(model: str, modes: Sequence[str] | None = None, threads: int | None = None, n_prompt: int = 512,
         n_gen: int = 128, reps: int = 3, seed: int = 0, source: str | None = None, tg_text: bool | None = None,
-        progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """Benchmark each mode in its own process; `progress(mode)` is called as each one starts.
-    For a PowerInfer model, `stock` runs `source` (the GGUF it was converted from)."""
+        progress: Callable[[int, str], None] | None = None) -> list[BenchRow]:
+    """Benchmark each mode `reps` times, in rounds (one process per mode and round);
+    `progress(i, mode)` is called as run i of reps * len(modes) starts. For a PowerInfer model,
+    `stock` runs `source` (the GGUF it was converted from)."""
     from .llama import check_model_file
 
     threads = threads or max(1, os.cpu_count() or 1)
@@ -153,20 +156,29 @@ def run(model: str, modes: Sequence[str] | None = None, threads: int | None = No
             raise ValueError(f"mode {mode!r} needs a PowerInfer model (powerinfer convert)")
     if is_powerinfer and "stock" in modes and source is None:
         raise ValueError("stock llama.cpp cannot open a PowerInfer model: pass the source GGUF (--source)")
-    rows: list[BenchRow] = []
-    for mode in modes:
-        if progress is not None:
-            progress(mode)
-        path = source if (mode == "stock" and is_powerinfer) else model
-        cmd = [sys.executable, "-m", "powerinfer.bench", "--worker", mode, str(path), str(threads),
-               str(n_prompt), str(n_gen), str(reps), str(seed), "1" if tg_text else "0"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark of {mode} failed:\n{proc.stderr[-4000:]}")
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-        for test, speeds in out["results"].items():
-            rows.append(BenchRow(mode, test, speeds, out["peak_rss_bytes"], out.get("stats")))
-    return rows
+    speeds: dict[str, dict[str, list[float]]] = {mode: {} for mode in modes}
+    peak: dict[str, int] = {}
+    stats: dict[str, dict[str, float]] = {}
+    for rep in range(reps):
+        for k, mode in enumerate(modes):
+            if progress is not None:
+                progress(rep * len(modes) + k, mode)
+            path = source if (mode == "stock" and is_powerinfer) else model
+            # every mode of a round decodes the same tokens; each round other ones
+            cmd = [sys.executable, "-m", "powerinfer.bench", "--worker", mode, str(path), str(threads),
+                   str(n_prompt), str(n_gen), "1", str(seed + rep), "1" if tg_text else "0"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"benchmark of {mode} failed:\n{proc.stderr[-4000:]}")
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            for test, got in out["results"].items():
+                speeds[mode].setdefault(test, []).extend(got)
+            peak[mode] = max(peak.get(mode, 0), out["peak_rss_bytes"])
+            for key, value in (out.get("stats") or {}).items():  # counters: summed over rounds
+                if isinstance(value, (int, float)):
+                    stats.setdefault(mode, {})[key] = stats.get(mode, {}).get(key, 0) + value
+    return [BenchRow(mode, test, got, peak[mode], stats.get(mode))
+            for mode in modes for test, got in speeds[mode].items()]
 
 
 def format_table(model: str, rows: Sequence[BenchRow], threads: int) -> str:

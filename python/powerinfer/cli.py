@@ -42,15 +42,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     threads = args.threads or max(1, os.cpu_count() or 1)
     modes = ([m.strip() for m in args.modes.split(",") if m.strip()] if args.modes
              else list(bench.default_modes(args.model)))
-    with tqdm(total=len(modes), unit="config", desc="benchmarking", delay=1.0, disable=args.quiet) as bar:
-        def progress(mode: str) -> None:  # called as `mode` starts: the ones before it are done
-            bar.update(modes.index(mode) - bar.n)
+    total = len(modes) * args.repetitions
+    with tqdm(total=total, unit="run", desc="benchmarking", delay=1.0, disable=args.quiet) as bar:
+        def progress(i: int, mode: str) -> None:  # called as run i starts: the ones before it are done
+            bar.update(i - bar.n)
             bar.set_postfix_str(mode)
 
         rows = bench.run(args.model, modes=modes, threads=threads, n_prompt=args.n_prompt,
                          n_gen=args.n_gen, reps=args.repetitions, seed=args.seed, source=args.source,
                          tg_text=args.tg_text, progress=progress)
-        bar.update(len(modes) - bar.n)
+        bar.update(total - bar.n)
     print(bench.format_table(args.model, rows, threads))
     return 0
 
