@@ -194,12 +194,14 @@ def format_table(model: str, rows: Sequence[BenchRow], threads: int) -> str:
         lines.append(
             f"| {name} | {size_gib:.2f} GiB | {MODE_LABELS[r.mode]} | {threads} | {r.test} "
             f"| {r.mean:.2f} ± {r.std:.2f} | {ratio} | {r.peak_rss_bytes / 2**20:.0f} MiB |")
-    # a round's modes ran minutes apart at most: their ratio is steadier than the means'
+    # a round's modes ran minutes apart at most: the spread of their ratios shows how far the
+    # machine's slow spells moved the result
     stock = {r.test: r.tokens_per_second for r in rows if r.mode == "stock"}
-    for r in rows:
-        if r.mode != "stock" and len(stock.get(r.test, [])) == len(r.tokens_per_second) > 1:
-            ratios = ", ".join(f"{a / b:.2f}x" for a, b in zip(r.tokens_per_second, stock[r.test]))
-            lines.append(f"\n{MODE_LABELS[r.mode]} {r.test} vs stock, round by round: {ratios}")
+    rounds = [r for r in rows if r.mode != "stock" and len(stock.get(r.test, [])) == len(r.tokens_per_second) > 1]
+    for i, r in enumerate(rounds):
+        ratios = ", ".join(f"{a / b:.2f}x" for a, b in zip(r.tokens_per_second, stock[r.test]))
+        blank = "" if i else "\n"  # one paragraph
+        lines.append(f"{blank}{MODE_LABELS[r.mode]} {r.test} vs stock, round by round: {ratios}")
     for r in rows:
         st = r.stats or {}
         if st.get("neurons_total") and r.test.startswith("tg"):
