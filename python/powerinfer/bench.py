@@ -158,7 +158,7 @@ def run(model: str, modes: Sequence[str] | None = None, threads: int | None = No
         raise ValueError("stock llama.cpp cannot open a PowerInfer model: pass the source GGUF (--source)")
     speeds: dict[str, dict[str, list[float]]] = {mode: {} for mode in modes}
     peak: dict[str, int] = {}
-    stats: dict[str, dict[str, float]] = {}
+    stats: dict[str, dict[str, Any]] = {}
     for rep in range(reps):
         for k, mode in enumerate(modes):
             if progress is not None:
@@ -174,9 +174,8 @@ def run(model: str, modes: Sequence[str] | None = None, threads: int | None = No
             for test, got in out["results"].items():
                 speeds[mode].setdefault(test, []).extend(got)
             peak[mode] = max(peak.get(mode, 0), out["peak_rss_bytes"])
-            for key, value in (out.get("stats") or {}).items():  # counters: summed over rounds
-                if isinstance(value, (int, float)):
-                    stats.setdefault(mode, {})[key] = stats.get(mode, {}).get(key, 0) + value
+            if out.get("stats") is not None:
+                stats[mode] = out["stats"]  # the last round's: rounds differ only in their random tokens
     return [BenchRow(mode, test, got, peak[mode], stats.get(mode))
             for mode in modes for test, got in speeds[mode].items()]
 
