@@ -146,19 +146,19 @@ void pi_down_t_rows(const struct ggml_tensor * down_t, const float * act, size_t
     y += b0 * blck;
     memset(y, 0, sizeof(float) * w);
     const char * rows = (const char *) down_t->data + (size_t) b0 * ggml_type_size(down_t->type);
-    // the firing neurons' row segments, added PI_AXPY_ROWS at a time, the next group prefetched
+    // the firing neurons' row segments, added PI_AXPY_ROWS at a time, the next group prefetched;
+    // listed without branches (which neurons fired is close to a coin toss)
     static thread_local std::vector<const char *> seg;
     static thread_local std::vector<float> coef;
-    seg.clear();
-    coef.clear();
+    seg.resize((size_t) down_t->ne[1]);
+    coef.resize((size_t) down_t->ne[1]);
+    int64_t n = 0;
     for (int64_t i = 0; i < down_t->ne[1]; i++) {
         const float a = *(const float *) ((const char *) act + i * act_stride);
-        if (a != 0.0f) {
-            seg.push_back(rows + (size_t) i * down_t->nb[1]);
-            coef.push_back(a);
-        }
+        seg[n]  = rows + (size_t) i * down_t->nb[1];
+        coef[n] = a;
+        n += a != 0.0f;
     }
-    const int64_t n = (int64_t) seg.size();
     for (int64_t j = 0; j < n; j += PI_AXPY_ROWS) {
         const int n_rows = (int) (j + PI_AXPY_ROWS <= n ? PI_AXPY_ROWS : n - j);
         const int64_t k = j + n_rows;
