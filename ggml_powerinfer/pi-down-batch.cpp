@@ -146,24 +146,28 @@ void pi_down_t_rows(const struct ggml_tensor * down_t, const float * act, size_t
     y += b0 * blck;
     memset(y, 0, sizeof(float) * w);
     const char * rows = (const char *) down_t->data + (size_t) b0 * ggml_type_size(down_t->type);
-    // the firing neurons' row segments, added PI_AXPY_ROWS at a time, the next group prefetched;
-    // listed without branches (which neurons fired is close to a coin toss)
-    static thread_local std::vector<const char *> seg;
-    static thread_local std::vector<float> coef;
-    seg.resize((size_t) down_t->ne[1]);
-    coef.resize((size_t) down_t->ne[1]);
+    // the firing neurons, listed without branches (which fired is close to a coin toss), then
+    // their row segments added PI_AXPY_ROWS at a time, the next group prefetched
+    static thread_local std::vector<int32_t> fired;
+    fired.resize((size_t) down_t->ne[1]);
     int64_t n = 0;
     for (int64_t i = 0; i < down_t->ne[1]; i++) {
-        const float a = *(const float *) ((const char *) act + i * act_stride);
-        seg[n]  = rows + (size_t) i * down_t->nb[1];
-        coef[n] = a;
-        n += a != 0.0f;
+        fired[n] = (int32_t) i;
+        n += *(const float *) ((const char *) act + i * act_stride) != 0.0f;
     }
     for (int64_t j = 0; j < n; j += PI_AXPY_ROWS) {
         const int n_rows = (int) (j + PI_AXPY_ROWS <= n ? PI_AXPY_ROWS : n - j);
         const int64_t k = j + n_rows;
         const int n_next = (int) (k + PI_AXPY_ROWS <= n ? PI_AXPY_ROWS : n - k);
-        axpy(w, n_rows, coef.data() + j, seg.data() + j, n_next, seg.data() + k, y);
+        const char * seg[2 * PI_AXPY_ROWS];
+        float coef[PI_AXPY_ROWS];
+        for (int r = 0; r < n_rows + n_next; r++) {
+            seg[r] = rows + (size_t) fired[j + r] * down_t->nb[1];
+        }
+        for (int r = 0; r < n_rows; r++) {
+            coef[r] = *(const float *) ((const char *) act + fired[j + r] * act_stride);
+        }
+        axpy(w, n_rows, coef, seg, n_next, seg + n_rows, y);
     }
 }
 
