@@ -231,9 +231,9 @@ uint64_t pi_bundle_updown_half_offset(const pi_bundle_layer * L, int64_t c) {
 }
 
 // Gathered gate rows (eight-row kernels over candidate lists, next rows prefetched) and the
-// predictor's F16 tiles are read at about 0.9 of the speed ggml's dense matmul reads the whole
-// gate matrix (7B-class Q4_0 model, two threads: every predictor, 80% of gate rows, FFN 82 ms
-// per token; ggml's gate matmul 87 ms).
+// predictor are read at about 0.9 of the speed ggml's dense matmul reads the whole gate matrix
+// (7B-class Q4_0 model, two threads: every predictor, 80% of gate rows, FFN 82 ms per token;
+// ggml's gate matmul 87 ms; measured while predictors were held in F16).
 static const double PI_GATHER_SPEED = 0.9;
 // Held-out recall below which the default mode does not use a layer's predictor. Misses add up
 // over layers: on the 7B-class model predictors with held-out recall 0.992-0.994 in all 32
