@@ -243,9 +243,8 @@ static const float PI_MIN_RECALL = 0.995f;
 
 double pi_predictor_decode_bytes(int64_t n_embd, int64_t n_ff, int64_t rank, bool linear) {
     const int64_t held = linear ? rank / 2 : rank;
-    const auto padded = [](int64_t n) { return (n + 31) / 32 * 32; };
-    return (double) ggml_row_size(GGML_TYPE_Q8_0, padded(n_embd)) * held +
-           (double) ggml_row_size(GGML_TYPE_Q8_0, padded(held)) * n_ff + 4.0 * n_ff;
+    return (double) ggml_row_size(GGML_TYPE_Q8_0, pi_q8_0_padded(n_embd)) * held +
+           (double) ggml_row_size(GGML_TYPE_Q8_0, pi_q8_0_padded(held)) * n_ff + 4.0 * n_ff;
 }
 
 bool pi_predictor_worth_it(const pi_bundle_layer * L, bool linear) {

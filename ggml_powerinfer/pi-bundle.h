@@ -37,6 +37,13 @@ struct pi_bundle_predictor {
     float    recall = 1.0f;             // of truly active neurons, measured likewise (1: unknown)
 };
 
+// Values per Q8_0 block (fixed by GGUF), and n rounded up to whole blocks: the length of a
+// predictor row as memory holds it (pi-slot.h).
+constexpr int64_t PI_Q8_0_BLOCK = 32;
+static inline int64_t pi_q8_0_padded(int64_t n) {
+    return (n + PI_Q8_0_BLOCK - 1) / PI_Q8_0_BLOCK * PI_Q8_0_BLOCK;
+}
+
 // Bytes that sparse decode reads per token for a predictor of stored rank `rank`, as memory holds
 // it (Q8_0 rows, pi-slot.h): fc1, fc2 and the bias; for one stored as ReLU pairs (`linear`,
 // held as the rank/2 linear map) half the hidden units.

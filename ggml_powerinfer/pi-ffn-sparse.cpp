@@ -15,9 +15,6 @@
 // as much as it has neurons predicted).
 static const int64_t NEURON_CHUNK = 128;
 
-// Values per Q8_0 block (GGUF's format fixes it)
-static const int64_t Q8_0_BLOCK = 32;
-
 bool pi_sparse_supported(const pi_bundle_layer * L, const struct ggml_tensor * gate, const struct ggml_tensor * up,
                          const struct ggml_tensor * down_t) {
     if (L->activation == PI_ACT_GRAPH) {
@@ -78,12 +75,12 @@ static void q8_0_row_dots(int n, const char * rows, size_t stride, int64_t n_row
 // v (n values) as Q8_0 blocks of n_padded values, the tail block zero-padded.
 static void quantize_q8_0_padded(const float * v, int64_t n, int64_t n_padded, char * dst) {
     const ggml_from_float_t quantize = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0)->from_float;
-    const int64_t full = n / Q8_0_BLOCK * Q8_0_BLOCK;
+    const int64_t full = n / PI_Q8_0_BLOCK * PI_Q8_0_BLOCK;
     quantize(v, dst, full);
     if (full < n_padded) {
-        float tail[Q8_0_BLOCK] = { 0.0f };
+        float tail[PI_Q8_0_BLOCK] = { 0.0f };
         memcpy(tail, v + full, sizeof(float) * (size_t) (n - full));
-        quantize(tail, dst + ggml_row_size(GGML_TYPE_Q8_0, full), Q8_0_BLOCK);
+        quantize(tail, dst + ggml_row_size(GGML_TYPE_Q8_0, full), PI_Q8_0_BLOCK);
     }
 }
 

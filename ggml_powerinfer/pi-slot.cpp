@@ -156,9 +156,8 @@ static bool negated_pairs(const uint16_t * m, int64_t rows, int64_t cols) {
 static void hold_predictor_q8_0(pi_predictor_ram * P, const uint16_t * fc1, const uint16_t * fc2, int64_t rank,
                                 int64_t n_embd, int64_t n_ff) {
     const ggml_from_float_t quantize = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0)->from_float;
-    const int64_t block = ggml_blck_size(GGML_TYPE_Q8_0);
-    P->rank_padded   = (P->rank + block - 1) / block * block;
-    P->n_embd_padded = (n_embd + block - 1) / block * block;
+    P->rank_padded   = pi_q8_0_padded(P->rank);
+    P->n_embd_padded = pi_q8_0_padded(n_embd);
     const size_t fc1_row = ggml_row_size(GGML_TYPE_Q8_0, P->n_embd_padded);
     const size_t fc2_row = ggml_row_size(GGML_TYPE_Q8_0, P->rank_padded);
     P->fc1.resize(fc1_row * (size_t) P->rank);
