@@ -185,6 +185,35 @@ py::array_t<float> axpy_rows(int type, u8_array data, int64_t n_per_row, f32_arr
     return out;
 }
 
+// The same sum with the integer kernel (Q4_0, Q5_0), each row's scale_max from its own blocks.
+py::array_t<float> axpy_rows_int(int type, u8_array data, int64_t n_per_row, f32_array coefs) {
+    const ggml_type t = (ggml_type) type;
+    if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0) {
+        throw py::value_error("bad type or row length");
+    }
+    const pi_axpy_int_fn axpy = pi_axpy_int_kernel(t);
+    if (axpy == nullptr) {
+        throw py::value_error("no integer kernel for this type on this CPU");
+    }
+    const size_t row_bytes = ggml_row_size(t, n_per_row);
+    if (data.size() != (py::ssize_t) (row_bytes * coefs.size())) {
+        throw py::value_error("data must hold one row per coefficient");
+    }
+    py::array_t<float> out((py::ssize_t) n_per_row);
+    std::fill(out.mutable_data(), out.mutable_data() + n_per_row, 0.0f);
+    std::vector<const char *> rows((size_t) coefs.size());
+    std::vector<float> scale_max((size_t) coefs.size());
+    for (py::ssize_t r = 0; r < coefs.size(); r++) {
+        rows[(size_t) r] = (const char *) data.data() + r * row_bytes;
+        scale_max[(size_t) r] = pi_row_scale_max(t, rows[(size_t) r], n_per_row);
+    }
+    {
+        py::gil_scoped_release release;
+        axpy(n_per_row, (int64_t) coefs.size(), coefs.data(), scale_max.data(), rows.data(), out.mutable_data());
+    }
+    return out;
+}
+
 py::array_t<float> dequantize_rows(int type, u8_array data, int64_t n_per_row) {
     const ggml_type t = (ggml_type) type;
     if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0) {
@@ -337,6 +366,8 @@ PYBIND11_MODULE(_core, m) {
           "Dequantize rows of a ggml type to floats.");
     m.def("axpy_rows", &axpy_rows, py::arg("type"), py::arg("data"), py::arg("n_per_row"), py::arg("coefs"),
           "Sum of coefs[i] * row i, with the sparse FFN's down_t kernels.");
+    m.def("axpy_rows_int", &axpy_rows_int, py::arg("type"), py::arg("data"), py::arg("n_per_row"), py::arg("coefs"),
+          "sum_i coefs[i] * row_i with the integer down kernel (Q4_0, Q5_0)");
     m.def("predictor_decode_bytes", &pi_predictor_decode_bytes, py::arg("n_embd"), py::arg("n_ff"), py::arg("rank"), py::arg("linear"),
           "Bytes sparse decode reads per token for a predictor of stored rank `rank`, held linear "
           "(stored as ReLU pairs) or not: its cost model.");

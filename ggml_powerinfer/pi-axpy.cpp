@@ -1,6 +1,10 @@
 #include "pi-axpy.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -226,6 +230,141 @@ static void axpy_f16(int64_t n, int n_rows, const float * a, const char * const 
     }
 }
 
+// The integer kernel: quants as unsigned bytes (0..31 for Q5_0, 0..15 for Q4_0) with lane 0
+// holding elements 0..15 and lane 1 elements 16..31, so no lane crossing.
+template <bool Q5>
+static inline __m256i unsigned_quants(const char * p) {
+    const uint8_t * qs = (const uint8_t *) p + (Q5 ? offsetof(pi_q5_0, qs) : offsetof(pi_q4_0, qs));
+    const __m256i nib = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) qs)), _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
+        _mm256_set1_epi8(0x0F));
+    return Q5 ? _mm256_or_si256(nib, fifth_bits((const uint8_t *) p + offsetof(pi_q5_0, qh))) : nib;
+}
+
+// Rows per int32 accumulation. The sums wrap around freely on the way (two's complement), so
+// only the result, sum of coefficient * (quant - offset), must fit: |coefficient| <= INT_COEF_MAX
+// and |quant - offset| <= 16 give 4096 * 32000 * 16 < 2^31.
+static const float   INT_COEF_MAX = 32000.0f;
+static const int64_t INT_CHUNK    = 4096;
+static const int     INT_PAIRS    = 4; // row pairs per pass over the blocks
+
+template <bool Q5>
+static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * scale_max, const char * const * rows, float * y) {
+    const size_t bsize  = Q5 ? sizeof(pi_q5_0) : sizeof(pi_q4_0);
+    const int    offset = Q5 ? 16 : 8;
+    const int64_t nb  = n / 32;
+    const int64_t nb8 = (nb + 7) / 8 * 8;
+    float amax = 0.0f;
+    bool finite = true;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float v = std::fabs(a[r]) * scale_max[r];
+        finite = finite && std::isfinite(v);
+        amax = std::max(amax, v);
+    }
+    if (!finite) { // a NaN or inf: passed on as the float kernel would
+        for (int64_t r = 0; r < n_rows; r += 4) {
+            const int k = (int) std::min<int64_t>(4, n_rows - r);
+            axpy_rows<typename std::conditional<Q5, dec_q5_0, dec_q4_0>::type>(n, k, a + r, rows + r, 0, nullptr, y);
+        }
+        return;
+    }
+    if (amax == 0.0f) {
+        return;
+    }
+    const float step = amax / INT_COEF_MAX;
+    const float inv  = INT_COEF_MAX / amax;
+    static thread_local std::vector<int32_t> acc, coef, pairs, coef_sum;
+    acc.resize((size_t) n);
+    coef.resize((size_t) (2 * INT_PAIRS * nb8));
+    pairs.resize((size_t) (INT_PAIRS * nb8));
+    coef_sum.resize((size_t) nb8);
+    const __m256i zero = _mm256_setzero_si256();
+
+    for (int64_t c0 = 0; c0 < n_rows; c0 += INT_CHUNK) {
+        const int64_t c1 = std::min(n_rows, c0 + INT_CHUNK);
+        std::fill(acc.begin(), acc.end(), 0);
+        std::fill(coef_sum.begin(), coef_sum.end(), 0);
+        for (int64_t g = c0; g < c1; g += 2 * INT_PAIRS) {
+            // the group's coefficients, a[r] * d / step rounded, for every block (rows past the
+            // end repeat the group's first with coefficient 0)
+            const char * row[2 * INT_PAIRS];
+            const char * next[2 * INT_PAIRS];
+            int n_next = 0;
+            for (int k = 0; k < 2 * INT_PAIRS; k++) {
+                const bool real = g + k < c1;
+                row[k] = rows[real ? g + k : g];
+                if (g + 2 * INT_PAIRS + k < c1) {
+                    next[n_next++] = rows[g + 2 * INT_PAIRS + k];
+                }
+                const __m256 ak = _mm256_set1_ps(real ? a[g + k] * inv : 0.0f);
+                for (int64_t b = 0; b < nb; b += 8) {
+                    uint16_t d[8] = {0};
+                    for (int t = 0; t < 8 && b + t < nb; t++) {
+                        memcpy(&d[t], row[k] + (size_t) (b + t) * bsize, sizeof(uint16_t));
+                    }
+                    const __m256 cf = _mm256_mul_ps(ak, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) d)));
+                    _mm256_storeu_si256((__m256i *) &coef[(size_t) (k * nb8 + b)], _mm256_cvtps_epi32(cf));
+                }
+            }
+            // pairs of rows as (low, high) int16 halves for madd; their sums for the offset
+            for (int p = 0; p < INT_PAIRS; p++) {
+                for (int64_t b = 0; b < nb; b += 8) {
+                    const __m256i lo = _mm256_loadu_si256((const __m256i *) &coef[(size_t) (2 * p * nb8 + b)]);
+                    const __m256i hi = _mm256_loadu_si256((const __m256i *) &coef[(size_t) ((2 * p + 1) * nb8 + b)]);
+                    _mm256_storeu_si256((__m256i *) &pairs[(size_t) (p * nb8 + b)],
+                                        _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(hi, 16)));
+                    __m256i * s = (__m256i *) &coef_sum[(size_t) b];
+                    _mm256_storeu_si256(s, _mm256_add_epi32(_mm256_loadu_si256(s), _mm256_add_epi32(lo, hi)));
+                }
+            }
+            // sums of coefficient * quant, a block at a time for all pairs; the next group prefetched
+            size_t fetched = 0;
+            for (int64_t b = 0; b < nb; b++) {
+                const size_t off = (size_t) b * bsize;
+                while (off + bsize > fetched) {
+                    for (int k = 0; k < n_next; k++) {
+                        _mm_prefetch(next[k] + fetched, _MM_HINT_T0);
+                    }
+                    fetched += 64;
+                }
+                __m256i * v = (__m256i *) &acc[(size_t) (32 * b)];
+                __m256i s0 = _mm256_loadu_si256(v + 0), s1 = _mm256_loadu_si256(v + 1);
+                __m256i s2 = _mm256_loadu_si256(v + 2), s3 = _mm256_loadu_si256(v + 3);
+                for (int p = 0; p < INT_PAIRS; p++) {
+                    const __m256i cp = _mm256_set1_epi32(pairs[(size_t) (p * nb8 + b)]);
+                    const __m256i q0 = unsigned_quants<Q5>(row[2 * p] + off);
+                    const __m256i q1 = unsigned_quants<Q5>(row[2 * p + 1] + off);
+                    // bytes (q0, q1) side by side, widened to int16: one madd per 8 elements
+                    const __m256i lo = _mm256_unpacklo_epi8(q0, q1), hi = _mm256_unpackhi_epi8(q0, q1);
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), cp));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), cp));
+                    s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), cp));
+                    s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), cp));
+                }
+                _mm256_storeu_si256(v + 0, s0); _mm256_storeu_si256(v + 1, s1);
+                _mm256_storeu_si256(v + 2, s2); _mm256_storeu_si256(v + 3, s3);
+            }
+        }
+        // y += step * (sum - offset * coefficient sum); the unpacks left each block's elements as
+        // s0 = 0..3|16..19, s1 = 4..7|20..23, s2 = 8..11|24..27, s3 = 12..15|28..31
+        const __m256 vs = _mm256_set1_ps(step);
+        for (int64_t b = 0; b < nb; b++) {
+            const __m256i o = _mm256_set1_epi32(offset * coef_sum[(size_t) b]);
+            const __m256i * v = (const __m256i *) &acc[(size_t) (32 * b)];
+            const __m256i s0 = _mm256_sub_epi32(_mm256_loadu_si256(v + 0), o);
+            const __m256i s1 = _mm256_sub_epi32(_mm256_loadu_si256(v + 1), o);
+            const __m256i s2 = _mm256_sub_epi32(_mm256_loadu_si256(v + 2), o);
+            const __m256i s3 = _mm256_sub_epi32(_mm256_loadu_si256(v + 3), o);
+            const __m256i e[4] = { _mm256_permute2x128_si256(s0, s1, 0x20), _mm256_permute2x128_si256(s2, s3, 0x20),
+                                   _mm256_permute2x128_si256(s0, s1, 0x31), _mm256_permute2x128_si256(s2, s3, 0x31) };
+            float * yb = y + 32 * b;
+            for (int k = 0; k < 4; k++) {
+                _mm256_storeu_ps(yb + 8 * k, _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(e[k]), _mm256_loadu_ps(yb + 8 * k)));
+            }
+        }
+    }
+}
+
 #define axpy_q8_0 axpy_rows<dec_q8_0>
 #define axpy_q4_0 axpy_rows<dec_q4_0>
 #define axpy_q5_0 axpy_rows<dec_q5_0>
@@ -258,4 +397,33 @@ pi_axpy_fn pi_axpy_kernel(enum ggml_type type) {
         case GGML_TYPE_Q6_K: return axpy_generic_q6_k;
         default:             return nullptr;
     }
+}
+
+float pi_row_scale_max(enum ggml_type type, const char * row, int64_t n) {
+    size_t bsize = 0;
+    switch (type) {
+        case GGML_TYPE_Q4_0: bsize = sizeof(pi_q4_0); break;
+        case GGML_TYPE_Q5_0: bsize = sizeof(pi_q5_0); break;
+        default: return 0.0f;
+    }
+    float m = 0.0f;
+    for (int64_t b = 0; b < n / 32; b++) {
+        uint16_t d;
+        memcpy(&d, row + (size_t) b * bsize, sizeof(d));
+        m = std::max(m, std::fabs(ggml_fp16_to_fp32(d)));
+    }
+    return m;
+}
+
+pi_axpy_int_fn pi_axpy_int_kernel(enum ggml_type type) {
+#ifdef PI_AXPY_AVX2
+    switch (type) {
+        case GGML_TYPE_Q4_0: return axpy_int<false>;
+        case GGML_TYPE_Q5_0: return axpy_int<true>;
+        default:             return nullptr;
+    }
+#else
+    GGML_UNUSED(type);
+    return nullptr;
+#endif
 }

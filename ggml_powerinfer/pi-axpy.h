@@ -20,3 +20,18 @@ typedef void (*pi_axpy_fn)(int64_t n, int n_rows, const float * a, const char * 
 // The kernel for a type: vectorised for F32, F16, Q8_0, Q5_0, Q5_1 and Q4_0 on AVX2 CPUs, else
 // the type's to_float through a small buffer. nullptr if the type cannot be dequantized.
 pi_axpy_fn pi_axpy_kernel(enum ggml_type type);
+
+// y[0..n) += sum over r < n_rows of a[r] * rows[r][0..n) for Q4_0 and Q5_0 rows, in integers:
+// each a[r] * (block scale) is rounded to a multiple of one step, max_r |a[r]| * scale_max[r] /
+// 32000, where scale_max[r] is at least the largest |block scale| of row r; the products with
+// the quants are summed in int32. An element's error is at most step/2 * sum_r |q_r - offset|
+// (offset 16 for Q5_0, 8 for Q4_0) beyond float rounding: a relative 1e-4 or so, against half
+// the instructions of the float kernel. A NaN or infinite coefficient is passed on through the
+// float kernel. nullptr for other types, or CPUs without AVX2.
+typedef void (*pi_axpy_int_fn)(int64_t n, int64_t n_rows, const float * a, const float * scale_max,
+                               const char * const * rows, float * y);
+pi_axpy_int_fn pi_axpy_int_kernel(enum ggml_type type);
+
+// The largest |block scale| of a row of n elements, for pi_axpy_int_fn's scale_max; 0 for types
+// without an integer kernel.
+float pi_row_scale_max(enum ggml_type type, const char * row, int64_t n);

@@ -242,7 +242,7 @@ static bool add_bundled_node(pi_compute_context * ctx, struct ggml_tensor * node
         }
         pi_down_batch * b = ctx->down_batches[ctx->n_down++].get();
         struct ggml_tensor * down_t = pi_ram_host_tensor(node->src[0]);
-        pi_down_batch_prepare(b, node->src[1], down_t);
+        pi_down_batch_prepare(b, node->src[1], down_t, pi_ram_row_scale_max(node->src[0]));
         // the pack op writes only the batch's scratch; the gemm op writes the output
         if (pi_down_batch_needs_pack(b)) {
             ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_pack_op, node->src[1], down_t, b));
@@ -331,6 +331,7 @@ static void plan_sparse_layers(pi_compute_context * ctx, struct ggml_cgraph * cg
         s->gate   = gate_w;
         s->up     = up_w;
         s->down_t = down_t;
+        s->down_scale_max = pi_ram_row_scale_max(down->src[0]);
         pi_sparse_layer_prepare(s, ctx->n_threads);
         ctx->sparse_by_down[down] = s;
         if (s->gate_out == nullptr) {

@@ -25,10 +25,12 @@ static int64_t n_tokens(const pi_down_batch * b) {
     return b->act->ne[1];
 }
 
-void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, const struct ggml_tensor * down_t) {
-    b->act    = act;
-    b->down_t = down_t;
-    b->n_tb   = (act->ne[1] + PI_DOWN_TB - 1) / PI_DOWN_TB;
+void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, const struct ggml_tensor * down_t,
+                           const float * scale_max) {
+    b->act       = act;
+    b->down_t    = down_t;
+    b->scale_max = scale_max;
+    b->n_tb      = (act->ne[1] + PI_DOWN_TB - 1) / PI_DOWN_TB;
     if (!pi_down_batch_needs_pack(b)) {
         return;
     }
@@ -132,8 +134,8 @@ static void micro_kernel(const int32_t * list, int64_t n, const float * panel, c
 #endif
 }
 
-void pi_down_t_rows(const struct ggml_tensor * down_t, const float * act, size_t act_stride, float * y, int ith, int nth) {
-    const pi_axpy_fn axpy = pi_axpy_kernel(down_t->type);
+void pi_down_t_rows(const struct ggml_tensor * down_t, const float * scale_max, const float * act, size_t act_stride,
+                    float * y, int ith, int nth) {
     const int64_t blck = ggml_blck_size(down_t->type);
     const int64_t n_blocks = down_t->ne[0] / blck;
     const int64_t per = (n_blocks + nth - 1) / nth;
@@ -146,8 +148,7 @@ void pi_down_t_rows(const struct ggml_tensor * down_t, const float * act, size_t
     y += b0 * blck;
     memset(y, 0, sizeof(float) * w);
     const char * rows = (const char *) down_t->data + (size_t) b0 * ggml_type_size(down_t->type);
-    // the firing neurons, listed without branches (which fired is close to a coin toss), then
-    // their row segments added PI_AXPY_ROWS at a time, the next group prefetched
+    // the firing neurons, listed without branches (which fired is close to a coin toss)
     static thread_local std::vector<int32_t> fired;
     fired.resize((size_t) down_t->ne[1]);
     int64_t n = 0;
@@ -155,6 +156,23 @@ void pi_down_t_rows(const struct ggml_tensor * down_t, const float * act, size_t
         fired[n] = (int32_t) i;
         n += *(const float *) ((const char *) act + i * act_stride) != 0.0f;
     }
+    const pi_axpy_int_fn axpy_int = scale_max != nullptr ? pi_axpy_int_kernel(down_t->type) : nullptr;
+    if (axpy_int != nullptr) { // all rows in one call: it sets one integer step for them
+        static thread_local std::vector<const char *> seg;
+        static thread_local std::vector<float> coef, smax;
+        seg.resize((size_t) n);
+        coef.resize((size_t) n);
+        smax.resize((size_t) n);
+        for (int64_t j = 0; j < n; j++) {
+            seg[j]  = rows + (size_t) fired[j] * down_t->nb[1];
+            coef[j] = *(const float *) ((const char *) act + fired[j] * act_stride);
+            smax[j] = scale_max[fired[j]];
+        }
+        axpy_int(w, n, coef.data(), smax.data(), seg.data(), y);
+        return;
+    }
+    // else their row segments added PI_AXPY_ROWS at a time, the next group prefetched
+    const pi_axpy_fn axpy = pi_axpy_kernel(down_t->type);
     for (int64_t j = 0; j < n; j += PI_AXPY_ROWS) {
         const int n_rows = (int) (j + PI_AXPY_ROWS <= n ? PI_AXPY_ROWS : n - j);
         const int64_t k = j + n_rows;
@@ -183,7 +201,7 @@ void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
     const int64_t n_strips = (n_embd + strip - 1) / strip;
     if (!pi_down_batch_needs_pack(b)) { // small batches: firing rows added token by token
         for (int64_t t = 0; t < n_tokens(b); t++) {
-            pi_down_t_rows(down_t, (const float *) ((const char *) b->act->data + t*b->act->nb[1]), b->act->nb[0],
+            pi_down_t_rows(down_t, b->scale_max, (const float *) ((const char *) b->act->data + t*b->act->nb[1]), b->act->nb[0],
                            (float *) ((char *) dst->data + t*dst->nb[1]), ith, nth);
         }
         return;
@@ -198,7 +216,7 @@ void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
 
     for (int64_t t = 0; t < T; t++) { // sparse token blocks: each firing row added per token
         if (b->by_rows[t / PI_DOWN_TB]) {
-            pi_down_t_rows(down_t, (const float *) ((const char *) b->act->data + t*b->act->nb[1]), b->act->nb[0],
+            pi_down_t_rows(down_t, b->scale_max, (const float *) ((const char *) b->act->data + t*b->act->nb[1]), b->act->nb[0],
                            (float *) ((char *) dst->data + t*dst->nb[1]), ith, nth);
         }
     }

@@ -20,6 +20,7 @@ constexpr int64_t PI_DOWN_TB = 6; // tokens per register block
 struct pi_down_batch {
     const struct ggml_tensor * act    = nullptr; // f32, n_ff x T
     const struct ggml_tensor * down_t = nullptr; // n_ff rows of n_embd
+    const float *        scale_max = nullptr;    // per down_t row, for the integer kernel, or nullptr
     int64_t              n_tb = 0;               // token blocks
     std::vector<float>   panels;                 // [tb][neuron][PI_DOWN_TB]
     std::vector<int32_t> active;                 // [tb][...]: neurons firing in the block, ascending
@@ -27,14 +28,18 @@ struct pi_down_batch {
     std::vector<char>    by_rows;                // per token block: sparse enough to run token by token
 };
 
-// Sizes the scratch for these operands.
-void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, const struct ggml_tensor * down_t);
+// Sizes the scratch for these operands. scale_max (may be nullptr) is each down_t row's largest
+// block scale (pi_row_scale_max), which lets Q4_0/Q5_0 rows run the integer kernel.
+void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, const struct ggml_tensor * down_t,
+                           const float * scale_max);
 bool pi_down_batch_needs_pack(const pi_down_batch * b);
 
 // One token: y = sum over i with act[i] != 0 of act[i] * down_t[i], over this thread's slice of
 // whole blocks of output columns (threads split the columns, each reads its part of every firing
-// row). The decode path of both dense and sparse layers.
-void pi_down_t_rows(const struct ggml_tensor * down_t, const float * act, size_t act_stride, float * y, int ith, int nth);
+// row). The decode path of both dense and sparse layers. With scale_max (per down_t row, see
+// pi_down_batch_prepare) Q4_0/Q5_0 rows are added by the integer kernel.
+void pi_down_t_rows(const struct ggml_tensor * down_t, const float * scale_max, const float * act, size_t act_stride,
+                    float * y, int ith, int nth);
 
 // userdata: the pi_down_batch. The pack op writes only the scratch; the gemm op's dst is y.
 void pi_down_pack_op(struct ggml_tensor * dst, int ith, int nth, void * userdata);

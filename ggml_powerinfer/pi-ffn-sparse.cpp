@@ -223,5 +223,5 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
 
 void pi_sparse_down_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const pi_sparse_layer * s = (const pi_sparse_layer *) userdata;
-    pi_down_t_rows(s->down_t, s->act.data(), sizeof(float), (float *) dst->data, ith, nth);
+    pi_down_t_rows(s->down_t, s->down_scale_max, s->act.data(), sizeof(float), (float *) dst->data, ith, nth);
 }

@@ -30,6 +30,7 @@ struct pi_sparse_layer {
     const struct ggml_tensor * gate     = nullptr; // host tensors: plain hot-first rows
     const struct ggml_tensor * up       = nullptr;
     const struct ggml_tensor * down_t   = nullptr;
+    const float *              down_scale_max = nullptr; // per down_t row (integer kernel), or nullptr
     int                        n_threads = 1;      // most threads the ops run on
     std::vector<char>          xq;                 // x in the gate type's vec_dot_type
     std::vector<char>          x8;                 // per thread: x in Q8_0 (fc1's input)

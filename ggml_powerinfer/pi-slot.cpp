@@ -1,4 +1,6 @@
 #include "pi-slot.h"
+
+#include "pi-axpy.h"
 #include "pi-log.h"
 
 #include "ggml-cpu.h"
@@ -52,6 +54,8 @@ struct pi_ram_tensor {
     ggml_backend_buffer_t   buf;
     const pi_bundle_layer * bundle = nullptr; // PowerInfer model: the layer the weight is read from
     int                     which  = -1;      // 0 gate, 1 up, 2 down (held as down_t)
+    std::vector<float>      scale_max;        // down_t of a type with an integer kernel: each
+                                              // row's largest block scale
 };
 
 struct pi_ram_buffer {
@@ -202,6 +206,15 @@ static bool load_bundled_layer(pi_model_slot * slot, const std::array<pi_ram_ten
         if (!staging[i].empty()) {
             ggml_backend_tensor_set(&parts[i]->host, staging[i].data(), 0, staging[i].size());
         }
+    }
+    const struct ggml_tensor * down_t = &parts[2]->host;
+    if (pi_axpy_int_kernel(down_t->type) != nullptr) {
+        std::vector<float> & m = parts[2]->scale_max;
+        m.resize((size_t) down_t->ne[1]);
+        for (int64_t i = 0; i < down_t->ne[1]; i++) {
+            m[(size_t) i] = pi_row_scale_max(down_t->type, (const char *) down_t->data + i*down_t->nb[1], down_t->ne[0]);
+        }
+        slot->resident_bytes += sizeof(float) * m.size();
     }
     if (L->predictor.rank > 0) {
         pi_predictor_ram & P = slot->predictors[slot->bundles.by_block[L->layer]];
@@ -525,6 +538,11 @@ const pi_tensor_loc * pi_disk_tensor_loc(const struct ggml_tensor * t) {
 
 struct ggml_tensor * pi_ram_host_tensor(const struct ggml_tensor * t) {
     return &((pi_ram_tensor *) t->extra)->host;
+}
+
+const float * pi_ram_row_scale_max(const struct ggml_tensor * t) {
+    const pi_ram_tensor * rt = (const pi_ram_tensor *) t->extra;
+    return rt->scale_max.empty() ? nullptr : rt->scale_max.data();
 }
 
 const pi_bundle_layer * pi_bundle_layer_of(const struct ggml_tensor * t, int * which) {

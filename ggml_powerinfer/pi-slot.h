@@ -85,6 +85,10 @@ const pi_predictor_ram * pi_slot_predictor(const pi_model_slot * slot, const pi_
 // interleaved layout only ggml's CPU kernels read.
 struct ggml_tensor * pi_ram_host_tensor(const struct ggml_tensor * t);
 
+// For a bundled down weight in RAM: its down_t rows' largest block scales (the integer down
+// kernel's scale_max), or nullptr when its type has no integer kernel.
+const float * pi_ram_row_scale_max(const struct ggml_tensor * t);
+
 // The CPU backend's buffer type that would repack weight `w` into interleaved blocks (what
 // llama.cpp's loader picks for stock), or nullptr when it has none for w's type and shape.
 ggml_backend_buffer_type_t pi_cpu_repack_buft(const struct ggml_tensor * w);

@@ -212,3 +212,60 @@ def test_predictor_as_held_keeps_its_held_out_recall(with_predictors: tuple) -> 
     held_out = min(float(p["recall"]) for p in pf.predictors.values())
     recall = fired["predictor"] / fired["oracle"]
     assert held_out - 0.02 <= recall <= 1.0, (recall, held_out)
+
+
+# the integer down kernel's types: ggml type id, block bytes, quant offset
+INT_AXPY_TYPES = {"q4_0": (2, 18, 8), "q5_0": (6, 22, 16)}
+
+
+def _int_axpy_bound(type_name: str, data: np.ndarray, deq: np.ndarray, coefs: np.ndarray) -> np.ndarray:
+    """Per element: what the integer kernel may be off by. Each coefficient * block scale is
+    rounded to a multiple of step = max_r |a_r| * (row r's largest scale) / 32000, so an element
+    is off by at most step/2 * sum_r |q_r - offset|; plus float rounding of the result."""
+    _, bsize, _ = INT_AXPY_TYPES[type_name]
+    n_rows, n = deq.shape
+    scales = np.abs(data.reshape(n_rows, -1, bsize)[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64))
+    step = (np.abs(coefs.astype(np.float64)) * scales.max(axis=1)).max() / 32000
+    per_elem = np.repeat(scales, 32, axis=1)
+    q_off = np.divide(np.abs(deq), per_elem, out=np.zeros_like(deq), where=per_elem > 0)  # |q - offset|
+    return 0.5001 * step * q_off.sum(axis=0) + 1e-6 * (np.abs(coefs)[:, None] * np.abs(deq)).sum(axis=0) + 1e-30
+
+
+@given(type_name=st.sampled_from(sorted(INT_AXPY_TYPES)), n_blocks=st.integers(1, 20), n_rows=st.integers(1, 40),
+       heavy=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_int_axpy_kernel_stays_within_its_rounding_bound(type_name: str, n_blocks: int, n_rows: int, heavy: bool,
+                                                         seed: int) -> None:
+    t = INT_AXPY_TYPES[type_name][0]
+    rng = np.random.default_rng(seed)
+    rows = (rng.standard_normal((n_rows, n_blocks * 32)) * rng.uniform(0.01, 10, (n_rows, 1))).astype(np.float32)
+    data = np.frombuffer(_core.quantize_rows(t, rows), dtype=np.uint8)
+    coefs = rng.standard_normal(n_rows)
+    if heavy:  # a few large activations, as ReLU layers have
+        coefs *= np.where(rng.random(n_rows) < 0.1, 50.0, 1.0)
+    coefs = coefs.astype(np.float32)
+    deq = _core.dequantize_rows(t, data, n_blocks * 32).astype(np.float64)
+    want = coefs.astype(np.float64) @ deq
+    got = _core.axpy_rows_int(t, data, n_blocks * 32, coefs)
+    assert np.all(np.abs(got - want) <= _int_axpy_bound(type_name, data, deq, coefs))
+
+
+@pytest.mark.parametrize("type_name", sorted(INT_AXPY_TYPES))
+def test_int_axpy_kernel_over_many_rows(type_name: str) -> None:
+    """More rows than one int32 accumulation holds (4096): the sums are flushed, not wrapped.
+    Constant blocks quantize to quant 0, the farthest from the offset, and equal coefficients to
+    the largest integer coefficient: the worst case for the int32 sums."""
+    t = INT_AXPY_TYPES[type_name][0]
+    rows = np.ones((4500, 64), dtype=np.float32)
+    data = np.frombuffer(_core.quantize_rows(t, rows), dtype=np.uint8)
+    coefs = np.random.default_rng(7).uniform(0.99, 1.0, 4500).astype(np.float32)
+    deq = _core.dequantize_rows(t, data, 64).astype(np.float64)
+    got = _core.axpy_rows_int(t, data, 64, coefs)
+    assert np.all(np.abs(got - coefs.astype(np.float64) @ deq) <= _int_axpy_bound(type_name, data, deq, coefs))
+
+
+def test_int_axpy_kernel_passes_on_nan() -> None:
+    rows = np.ones((3, 32), dtype=np.float32)
+    data = np.frombuffer(_core.quantize_rows(INT_AXPY_TYPES["q5_0"][0], rows), dtype=np.uint8)
+    got = _core.axpy_rows_int(INT_AXPY_TYPES["q5_0"][0], data, 32, np.array([1.0, np.nan, 2.0], dtype=np.float32))
+    assert np.isnan(got).all()
