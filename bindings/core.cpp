@@ -156,26 +156,34 @@ py::array_t<uint8_t> quantize_rows(int type, f32_array rows) {
     return out;
 }
 
-// Quantized rows back to floats with ggml's to_float.
-// sum_i coefs[i] * row_i with the sparse down projection's kernels: for kernel tests.
-py::array_t<float> axpy_rows(int type, u8_array data, int64_t n_per_row, f32_array coefs) {
-    const ggml_type t = (ggml_type) type;
-    if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0 ||
-        pi_axpy_kernel(t) == nullptr) {
+// Pointers to the rows of data, one row of n_per_row values of type t per coefficient.
+static std::vector<const char *> coefficient_rows(ggml_type t, const u8_array & data, int64_t n_per_row,
+                                                  py::ssize_t n_rows) {
+    if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0) {
         throw py::value_error("bad type or row length");
     }
     const size_t row_bytes = ggml_row_size(t, n_per_row);
-    if (data.size() != (py::ssize_t) (row_bytes * coefs.size())) {
+    if (data.size() != (py::ssize_t) (row_bytes * n_rows)) {
         throw py::value_error("data must hold one row per coefficient");
+    }
+    std::vector<const char *> rows((size_t) n_rows);
+    for (py::ssize_t r = 0; r < n_rows; r++) {
+        rows[(size_t) r] = (const char *) data.data() + r * row_bytes;
+    }
+    return rows;
+}
+
+// sum_i coefs[i] * row_i with the sparse down projection's kernels: for kernel tests.
+py::array_t<float> axpy_rows(int type, u8_array data, int64_t n_per_row, f32_array coefs) {
+    const ggml_type t = (ggml_type) type;
+    const std::vector<const char *> rows = coefficient_rows(t, data, n_per_row, coefs.size());
+    const pi_axpy_fn axpy = pi_axpy_kernel(t);
+    if (axpy == nullptr) {
+        throw py::value_error("bad type or row length");
     }
     py::array_t<float> out((py::ssize_t) n_per_row);
     std::fill(out.mutable_data(), out.mutable_data() + n_per_row, 0.0f);
-    const pi_axpy_fn axpy = pi_axpy_kernel(t);
     // groups of 1, 2, .. PI_AXPY_ROWS rows in turn, so every row count of the kernel runs
-    std::vector<const char *> rows((size_t) coefs.size());
-    for (py::ssize_t r = 0; r < coefs.size(); r++) {
-        rows[(size_t) r] = (const char *) data.data() + r * row_bytes;
-    }
     for (py::ssize_t r = 0, g = 1; r < coefs.size(); r += g, g = g % PI_AXPY_ROWS + 1) {
         const int n_rows = (int) std::min<py::ssize_t>(g, coefs.size() - r);
         const int n_next = (int) std::min<py::ssize_t>(g % PI_AXPY_ROWS + 1, coefs.size() - r - n_rows);
@@ -188,24 +196,16 @@ py::array_t<float> axpy_rows(int type, u8_array data, int64_t n_per_row, f32_arr
 // The same sum with the integer kernel (Q4_0, Q5_0), each row's scale_max from its own blocks.
 py::array_t<float> axpy_rows_int(int type, u8_array data, int64_t n_per_row, f32_array coefs) {
     const ggml_type t = (ggml_type) type;
-    if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0) {
-        throw py::value_error("bad type or row length");
-    }
+    const std::vector<const char *> rows = coefficient_rows(t, data, n_per_row, coefs.size());
     const pi_axpy_int_fn axpy = pi_axpy_int_kernel(t);
     if (axpy == nullptr) {
         throw py::value_error("no integer kernel for this type on this CPU");
     }
-    const size_t row_bytes = ggml_row_size(t, n_per_row);
-    if (data.size() != (py::ssize_t) (row_bytes * coefs.size())) {
-        throw py::value_error("data must hold one row per coefficient");
-    }
     py::array_t<float> out((py::ssize_t) n_per_row);
     std::fill(out.mutable_data(), out.mutable_data() + n_per_row, 0.0f);
-    std::vector<const char *> rows((size_t) coefs.size());
     std::vector<float> scale_max((size_t) coefs.size());
-    for (py::ssize_t r = 0; r < coefs.size(); r++) {
-        rows[(size_t) r] = (const char *) data.data() + r * row_bytes;
-        scale_max[(size_t) r] = pi_row_scale_max(t, rows[(size_t) r], n_per_row);
+    for (size_t r = 0; r < rows.size(); r++) {
+        scale_max[r] = pi_row_scale_max(t, rows[r], n_per_row);
     }
     {
         py::gil_scoped_release release;
@@ -214,6 +214,7 @@ py::array_t<float> axpy_rows_int(int type, u8_array data, int64_t n_per_row, f32
     return out;
 }
 
+// Quantized rows back to floats with ggml's to_float.
 py::array_t<float> dequantize_rows(int type, u8_array data, int64_t n_per_row) {
     const ggml_type t = (ggml_type) type;
     if (t < 0 || t >= GGML_TYPE_COUNT || n_per_row <= 0 || n_per_row % ggml_blck_size(t) != 0) {

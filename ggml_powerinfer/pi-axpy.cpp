@@ -247,6 +247,8 @@ static inline __m256i unsigned_quants(const char * p) {
 static const float   INT_COEF_MAX = 32000.0f;
 static const int64_t INT_CHUNK    = 4096;
 static const int     INT_PAIRS    = 4; // row pairs per pass over the blocks
+// Rows whose |coefficient| * scale_max exceeds this fraction of the largest are added as floats.
+static const float   INT_LARGE_ROW = 1.0f / 16;
 
 template <bool Q5>
 static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * scale_max, const char * const * rows, float * y) {
@@ -271,8 +273,45 @@ static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * s
     if (amax == 0.0f) {
         return;
     }
-    const float step = amax / INT_COEF_MAX;
-    const float inv  = INT_COEF_MAX / amax;
+    // the few largest rows (ReLU activations have a long tail) go through the float kernel, so
+    // that the step, set by the largest of the rest, is finer for all the others
+    static thread_local std::vector<const char *> small_rows;
+    static thread_local std::vector<float> small_a;
+    small_rows.clear();
+    small_a.clear();
+    float small_max = 0.0f;
+    const char * large_rows[4];
+    float large_a[4];
+    int n_large = 0;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float v = std::fabs(a[r]) * scale_max[r];
+        if (v > amax * INT_LARGE_ROW) {
+            large_rows[n_large] = rows[r];
+            large_a[n_large++] = a[r];
+            if (n_large == 4) {
+                axpy_rows<typename std::conditional<Q5, dec_q5_0, dec_q4_0>::type>(n, n_large, large_a, large_rows, 0, nullptr, y);
+                n_large = 0;
+            }
+        } else {
+            small_rows.push_back(rows[r]);
+            small_a.push_back(a[r]);
+            small_max = std::max(small_max, v);
+        }
+    }
+    if (n_large > 0) {
+        axpy_rows<typename std::conditional<Q5, dec_q5_0, dec_q4_0>::type>(n, n_large, large_a, large_rows, 0, nullptr, y);
+    }
+    if (small_max == 0.0f) {
+        return;
+    }
+    rows   = small_rows.data();
+    a      = small_a.data();
+    n_rows = (int64_t) small_rows.size();
+    // a power of two: a row's integer coefficients then depend on its own activation only, not
+    // on which other row is largest, so nearly equal inputs (a token alone or in a batch) give
+    // nearly equal outputs
+    const float step = std::exp2(std::ceil(std::log2(small_max / INT_COEF_MAX)));
+    const float inv  = 1.0f / step;
     static thread_local std::vector<int32_t> acc, coef, pairs, coef_sum;
     acc.resize((size_t) n);
     coef.resize((size_t) (2 * INT_PAIRS * nb8));

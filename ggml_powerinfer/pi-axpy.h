@@ -21,13 +21,14 @@ typedef void (*pi_axpy_fn)(int64_t n, int n_rows, const float * a, const char * 
 // the type's to_float through a small buffer. nullptr if the type cannot be dequantized.
 pi_axpy_fn pi_axpy_kernel(enum ggml_type type);
 
-// y[0..n) += sum over r < n_rows of a[r] * rows[r][0..n) for Q4_0 and Q5_0 rows, in integers:
-// each a[r] * (block scale) is rounded to a multiple of one step, max_r |a[r]| * scale_max[r] /
-// 32000, where scale_max[r] is at least the largest |block scale| of row r; the products with
-// the quants are summed in int32. An element's error is at most step/2 * sum_r |q_r - offset|
-// (offset 16 for Q5_0, 8 for Q4_0) beyond float rounding: a relative 1e-4 or so, against half
-// the instructions of the float kernel. A NaN or infinite coefficient is passed on through the
-// float kernel. nullptr for other types, or CPUs without AVX2.
+// y[0..n) += sum over r < n_rows of a[r] * rows[r][0..n) for Q4_0 and Q5_0 rows, in integers.
+// scale_max[r] is at least the largest |block scale| of row r; rows whose |a[r]| * scale_max[r]
+// exceeds 1/16 of the largest are added as floats, and for the others each a[r] * (block scale)
+// is rounded to a multiple of one step (the largest of their |a[r]| * scale_max[r], / 32000) and
+// the products with the quants are summed in int32. An element's error is at most step/2 *
+// sum_r |q_r - offset| over those rows (offset 16 for Q5_0, 8 for Q4_0) beyond float rounding,
+// against half the instructions of the float kernel. A NaN or infinite coefficient is passed on
+// through the float kernel. nullptr for other types, or CPUs without AVX2.
 typedef void (*pi_axpy_int_fn)(int64_t n, int64_t n_rows, const float * a, const float * scale_max,
                                const char * const * rows, float * y);
 pi_axpy_int_fn pi_axpy_int_kernel(enum ggml_type type);

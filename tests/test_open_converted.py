@@ -115,4 +115,8 @@ def test_prompt_batches_repack_gate_and_up(converted: dict[str, fmt.PowerInferFi
     assert agree.top1 == 1.0, agree
     # KL of float noise on confident logits is ~1e-5: a ratio of two such values is itself noisy
     assert agree.kl_mean <= max(2 * base.kl_mean, 1e-4), (agree, base)
-    assert agree.max_abs_diff <= 2 * base.max_abs_diff + 1e-3, (agree, base)
+    # the integer down kernel rounds each coefficient to a power-of-two grid, so activations that
+    # differ by float noise (repacked gate/up) can round differently: measured 0.033 on logits
+    # within +-61 (KL 7e-7), where a plain batch differs by 0.007; a wrong repack moves logits
+    # by whole units
+    assert agree.max_abs_diff <= 2 * base.max_abs_diff + 0.05, (agree, base)
