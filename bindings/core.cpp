@@ -173,6 +173,12 @@ static std::vector<const char *> coefficient_rows(ggml_type t, const u8_array & 
     return rows;
 }
 
+static py::array_t<float> zeroed(int64_t n) {
+    py::array_t<float> out((py::ssize_t) n);
+    std::fill(out.mutable_data(), out.mutable_data() + n, 0.0f);
+    return out;
+}
+
 // sum_i coefs[i] * row_i with the sparse down projection's kernels: for kernel tests.
 py::array_t<float> axpy_rows(int type, u8_array data, int64_t n_per_row, f32_array coefs) {
     const ggml_type t = (ggml_type) type;
@@ -181,8 +187,7 @@ py::array_t<float> axpy_rows(int type, u8_array data, int64_t n_per_row, f32_arr
     if (axpy == nullptr) {
         throw py::value_error("bad type or row length");
     }
-    py::array_t<float> out((py::ssize_t) n_per_row);
-    std::fill(out.mutable_data(), out.mutable_data() + n_per_row, 0.0f);
+    py::array_t<float> out = zeroed(n_per_row);
     // groups of 1, 2, .. PI_AXPY_ROWS rows in turn, so every row count of the kernel runs
     for (py::ssize_t r = 0, g = 1; r < coefs.size(); r += g, g = g % PI_AXPY_ROWS + 1) {
         const int n_rows = (int) std::min<py::ssize_t>(g, coefs.size() - r);
@@ -201,8 +206,7 @@ py::array_t<float> axpy_rows_int(int type, u8_array data, int64_t n_per_row, f32
     if (axpy == nullptr) {
         throw py::value_error("no integer kernel for this type on this CPU");
     }
-    py::array_t<float> out((py::ssize_t) n_per_row);
-    std::fill(out.mutable_data(), out.mutable_data() + n_per_row, 0.0f);
+    py::array_t<float> out = zeroed(n_per_row);
     std::vector<float> scale_max((size_t) coefs.size());
     for (size_t r = 0; r < rows.size(); r++) {
         scale_max[r] = pi_row_scale_max(t, rows[r], n_per_row);
