@@ -250,6 +250,15 @@ static const int     INT_PAIRS    = 4; // row pairs per pass over the blocks
 // Rows whose |coefficient| * scale_max exceeds this fraction of the largest are added as floats.
 static const float   INT_LARGE_ROW = 1.0f / 16;
 
+// The float kernel over any number of rows, for what the integer kernel hands back.
+template <bool Q5>
+static void axpy_float(int64_t n, int64_t n_rows, const float * a, const char * const * rows, float * y) {
+    for (int64_t r = 0; r < n_rows; r += 4) {
+        const int k = (int) std::min<int64_t>(4, n_rows - r);
+        axpy_rows<typename std::conditional<Q5, dec_q5_0, dec_q4_0>::type>(n, k, a + r, rows + r, 0, nullptr, y);
+    }
+}
+
 template <bool Q5>
 static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * scale_max, const char * const * rows, float * y) {
     const size_t bsize  = Q5 ? sizeof(pi_q5_0) : sizeof(pi_q4_0);
@@ -264,10 +273,7 @@ static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * s
         amax = std::max(amax, v);
     }
     if (!finite) { // a NaN or inf: passed on as the float kernel would
-        for (int64_t r = 0; r < n_rows; r += 4) {
-            const int k = (int) std::min<int64_t>(4, n_rows - r);
-            axpy_rows<typename std::conditional<Q5, dec_q5_0, dec_q4_0>::type>(n, k, a + r, rows + r, 0, nullptr, y);
-        }
+        axpy_float<Q5>(n, n_rows, a, rows, y);
         return;
     }
     if (amax == 0.0f) {
@@ -289,7 +295,7 @@ static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * s
             large_rows[n_large] = rows[r];
             large_a[n_large++] = a[r];
             if (n_large == 4) {
-                axpy_rows<typename std::conditional<Q5, dec_q5_0, dec_q4_0>::type>(n, n_large, large_a, large_rows, 0, nullptr, y);
+                axpy_float<Q5>(n, n_large, large_a, large_rows, y);
                 n_large = 0;
             }
         } else {
@@ -298,9 +304,7 @@ static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * s
             small_max = std::max(small_max, v);
         }
     }
-    if (n_large > 0) {
-        axpy_rows<typename std::conditional<Q5, dec_q5_0, dec_q4_0>::type>(n, n_large, large_a, large_rows, 0, nullptr, y);
-    }
+    axpy_float<Q5>(n, n_large, large_a, large_rows, y);
     if (small_max == 0.0f) {
         return;
     }
@@ -312,6 +316,10 @@ static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * s
     // nearly equal outputs
     const float step = std::exp2(std::ceil(std::log2(small_max / INT_COEF_MAX)));
     const float inv  = 1.0f / step;
+    if (!(step > 0.0f) || !std::isfinite(inv)) { // values near the bottom of float's range
+        axpy_float<Q5>(n, n_rows, a, rows, y);
+        return;
+    }
     static thread_local std::vector<int32_t> acc, coef, pairs, coef_sum;
     acc.resize((size_t) n);
     coef.resize((size_t) (2 * INT_PAIRS * nb8));
