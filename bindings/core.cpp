@@ -2,6 +2,7 @@
 #include "ggml-powerinfer.h"
 #include "gguf_meta.h"
 
+#include "pi-activation.h"
 #include "pi-axpy.h"
 #include "pi-bundle.h"
 #include "pi-matmul.h"
@@ -373,6 +374,18 @@ PYBIND11_MODULE(_core, m) {
           "Sum of coefs[i] * row i, with the sparse FFN's down_t kernels.");
     m.def("axpy_rows_int", &axpy_rows_int, py::arg("type"), py::arg("data"), py::arg("n_per_row"), py::arg("coefs"),
           "sum_i coefs[i] * row_i with the integer down kernel (Q4_0, Q5_0)");
+    m.def("gate_activations", [](const std::string & activation, float threshold, f32_array g) {
+        pi_bundle_layer L = {};
+        if (!pi_activation_from_name(activation.c_str(), &L.activation)) {
+            throw py::value_error("unknown activation '" + activation + "'");
+        }
+        L.act_threshold = threshold;
+        py::array_t<float> a(g.size());
+        pi_gate_activations(&L, g.data(), a.mutable_data(), g.size());
+        return a;
+    }, py::arg("activation"), py::arg("threshold"), py::arg("g"),
+          "The backend's gate activation of each value (0: the neuron does not fire), as the "
+          "batch and sparse ops compute it.");
     m.def("predictor_decode_bytes", &pi_predictor_decode_bytes, py::arg("n_embd"), py::arg("n_ff"), py::arg("rank"), py::arg("linear"),
           "Bytes sparse decode reads per token for a predictor of stored rank `rank`, held linear "
           "(stored as ReLU pairs) or not: its cost model.");

@@ -54,7 +54,7 @@ static const float * f32_array(const struct gguf_context * gguf, const char * na
     return (const float *) gguf_get_arr_data(gguf, k);
 }
 
-static bool parse_activation(const char * name, enum pi_activation * act) {
+bool pi_activation_from_name(const char * name, enum pi_activation * act) {
     static const struct { const char * name; enum pi_activation act; } names[] = {
         { "graph", PI_ACT_GRAPH }, { "silu_threshold", PI_ACT_SILU_THRESHOLD }, { "gelu_threshold", PI_ACT_GELU_THRESHOLD },
         { "relu", PI_ACT_RELU }, { "relu2", PI_ACT_RELU2 }, { "drelu", PI_ACT_DRELU }, { "fatrelu", PI_ACT_FATRELU },
@@ -185,7 +185,7 @@ bool pi_bundle_index_read(const struct gguf_context * gguf, uint64_t file_size, 
             *err = what;
             return false;
         }
-        if (!parse_activation(gguf_get_arr_str(gguf, k_act, i), &L.activation)) {
+        if (!pi_activation_from_name(gguf_get_arr_str(gguf, k_act, i), &L.activation)) {
             *err = std::string("unknown activation '") + gguf_get_arr_str(gguf, k_act, i) + "' in bundle table";
             return false;
         }

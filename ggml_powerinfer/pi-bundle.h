@@ -25,6 +25,9 @@ static inline bool pi_activation_is_thresholded(enum pi_activation act) {
     return act == PI_ACT_SILU_THRESHOLD || act == PI_ACT_GELU_THRESHOLD;
 }
 
+// The activation a bundle table names ("relu", "gelu_threshold", ...); false for an unknown name.
+bool pi_activation_from_name(const char * name, enum pi_activation * act);
+
 // A layer's predictor in the file: score = fc2 . relu(fc1 . x) + bias, neuron i is a candidate
 // when score_i >= threshold. rank 0: the layer has none.
 struct pi_bundle_predictor {

@@ -1,10 +1,11 @@
 #include "pi-ffn-dense.h"
 
-#include <cstring>
+#include "pi-activation.h"
 
-static inline float relu(float x) {
-    return x > 0.0f ? x : 0.0f;
-}
+#include <algorithm>
+
+// Elements per call of the array activation (on the stack).
+static const int64_t SEGMENT = 256;
 
 void pi_activation_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const pi_bundle_layer * L = (const pi_bundle_layer *) userdata;
@@ -15,14 +16,21 @@ void pi_activation_op(struct ggml_tensor * dst, int ith, int nth, void * userdat
     // split the flat range evenly: a single token still uses every thread
     const int64_t total = n * rows;
     const int64_t per = (total + nth - 1) / nth;
-    const int64_t e0 = per * ith;
-    const int64_t e1 = e0 + per < total ? e0 + per : total;
-    for (int64_t e = e0; e < e1; e++) {
+    const int64_t e0 = std::min(per * ith, total);
+    const int64_t e1 = std::min(e0 + per, total);
+    float a[SEGMENT];
+    for (int64_t e = e0; e < e1; ) {
         const int64_t r = e / n, i = e % n;
-        const float g = *(const float *) ((const char *) gate->data + r*gate->nb[1] + i*sizeof(float));
-        const float u = *(const float *) ((const char *) up->data   + r*up->nb[1]   + i*sizeof(float));
-        const float a = pi_gate_activation(L, g);
-        const float y = a == 0.0f ? 0.0f : a * (L->activation == PI_ACT_DRELU ? relu(u) : u);
-        *(float *) ((char *) dst->data + r*dst->nb[1] + i*sizeof(float)) = y;
+        const int64_t len = std::min(std::min(SEGMENT, n - i), e1 - e);
+        const float * g = (const float *) ((const char *) gate->data + r*gate->nb[1]) + i;
+        const float * u = (const float *) ((const char *) up->data   + r*up->nb[1]) + i;
+        float * y = (float *) ((char *) dst->data + r*dst->nb[1]) + i;
+        pi_gate_activations(L, g, a, len);
+        if (L->activation == PI_ACT_DRELU) {
+            for (int64_t k = 0; k < len; k++) { y[k] = a[k] == 0.0f ? 0.0f : a[k] * (u[k] > 0.0f ? u[k] : 0.0f); }
+        } else {
+            for (int64_t k = 0; k < len; k++) { y[k] = a[k] == 0.0f ? 0.0f : a[k] * u[k]; }
+        }
+        e += len;
     }
 }

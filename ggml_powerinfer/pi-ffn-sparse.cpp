@@ -1,9 +1,9 @@
 #include "pi-ffn-sparse.h"
 
+#include "pi-activation.h"
 #include "pi-axpy.h"
 #include "pi-dot.h"
 #include "pi-down-batch.h"
-#include "pi-ffn-dense.h"
 
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
@@ -200,11 +200,16 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
         float a[NEURON_CHUNK];
         int fire[NEURON_CHUNK];
         int n_fire = 0;
+        float gl[NEURON_CHUNK], al[NEURON_CHUNK];
+        for (int j = 0; j < n_list; j++) {
+            gl[j] = g[list[j]];
+        }
+        pi_gate_activations(L, gl, al, n_list);
         for (int j = 0; j < n_list; j++) {
             const int k = list[j];
-            a[k] = pi_gate_activation(L, g[k]);
+            a[k] = al[j];
             fire[n_fire] = k;
-            n_fire += a[k] != 0.0f;
+            n_fire += al[j] != 0.0f;
         }
         float u[NEURON_CHUNK];
         gathered_dots(vec_dot, dot_rows, n, up + i0*row, row, fire, n_fire, xq, u);

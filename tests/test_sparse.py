@@ -288,3 +288,55 @@ def test_int_axpy_kernel_passes_on_nan() -> None:
     data = np.frombuffer(_core.quantize_rows(INT_AXPY_TYPES["q5_0"][0], rows), dtype=np.uint8)
     got = _core.axpy_rows_int(INT_AXPY_TYPES["q5_0"][0], data, 32, np.array([1.0, np.nan, 2.0], dtype=np.float32))
     assert np.isnan(got).all()
+
+
+def _activation_reference(activation: str, threshold: float, g: np.ndarray) -> np.ndarray:
+    """The gate activation in float64, from its definition (GELU: ggml's tanh approximation)."""
+    g = g.astype(np.float64)
+    if activation in ("relu", "drelu"):
+        return np.maximum(g, 0.0)
+    if activation == "relu2":
+        return np.maximum(g, 0.0) ** 2
+    if activation == "fatrelu":
+        return np.where(g > threshold, g, 0.0)
+    if activation == "silu_threshold":
+        f = g / (1.0 + np.exp(-g))
+    else:
+        # 0.5 * g * (1 + tanh(z)) without the cancellation of 1 + tanh(z) for negative g
+        f = g / (1.0 + np.exp(-2.0 * 0.7978845608 * g * (1.0 + 0.044715 * g * g)))
+    return np.where(np.abs(f) > threshold, f, 0.0)
+
+
+@given(activation=st.sampled_from(["relu", "relu2", "drelu", "fatrelu", "silu_threshold", "gelu_threshold"]),
+       n=st.integers(1, 300), scale=st.floats(0.01, 60.0), threshold=st.floats(1e-4, 2.0), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=80, deadline=None)
+def test_gate_activations_match_their_definitions(activation: str, n: int, scale: float, threshold: float,
+                                                   seed: int) -> None:
+    # thresholds are positive: a thresholded layer without one runs the graph's own GLU
+    g = (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = _activation_reference(activation, threshold, g)
+    got = _core.gate_activations(activation, threshold, g).astype(np.float64)
+    if activation in ("relu", "relu2", "drelu", "fatrelu"):
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+        return
+    # a value within float rounding of the threshold may land on either side; nothing else may
+    clear = np.abs(np.abs(want) - threshold) > 1e-5 * max(threshold, 1e-30)
+    np.testing.assert_array_equal(got[clear] != 0, want[clear] != 0)
+    both = clear & (want != 0)
+    # float rounding of the sigmoid's exponent x moves e^x by about |x| ulp
+    g64 = g.astype(np.float64)
+    x = -g64 if activation == "silu_threshold" else -1.5957691216 * g64 * (1.0 + 0.044715 * g64 * g64)
+    err = np.abs(got - want) / np.maximum(np.abs(want), 1e-37)
+    assert np.all(err[both] <= 3e-7 * (2.0 + np.abs(x[both]))), err[both].max()
+    # the value does not depend on its position in the array (the vector tail is no exception)
+    np.testing.assert_array_equal(_core.gate_activations(activation, threshold, g[::-1].copy())[::-1], got)
+
+
+def test_gate_activations_extremes_and_bad_name() -> None:
+    g = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 0.0, -0.0, 200.0, -200.0], dtype=np.float32)
+    for activation in ("silu_threshold", "gelu_threshold"):
+        got = _core.gate_activations(activation, 0.1, g)
+        np.testing.assert_array_equal(got, np.array([0, np.inf, 0, 1e30, 0, 0, 0, 200, 0], dtype=np.float32))
+    with pytest.raises(ValueError, match="unknown activation"):
+        _core.gate_activations("swish", 0.1, g)
