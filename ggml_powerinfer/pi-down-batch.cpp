@@ -189,15 +189,28 @@ void pi_down_t_rows(const struct ggml_tensor * down_t, const float * scale_max, 
     }
 }
 
+// Columns per strip: whole quant blocks and whole micro-tiles, wide enough that dequantizing
+// a row's segment into the panel reads a few hundred contiguous bytes, and as many strips as a
+// multiple of the thread count, of equal width (up to the last): n_embd 640 on two threads is
+// two strips of 320, not 512 and 128.
+static int64_t strip_width(int64_t n_embd, int64_t blck, int nth) {
+    const int64_t unit = blck % MICRO_COLS == 0 ? blck : (MICRO_COLS % blck == 0 ? MICRO_COLS : blck * MICRO_COLS);
+    const int64_t n_units = (n_embd + unit - 1) / unit;
+    int64_t n_strips = (n_embd + STRIP_COLS - 1) / STRIP_COLS;
+    n_strips = (n_strips + nth - 1) / nth * nth;
+    if (n_strips > n_units) {
+        n_strips = n_units;
+    }
+    return (n_units + n_strips - 1) / n_strips * unit;
+}
+
 void pi_down_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     pi_down_batch * b = (pi_down_batch *) userdata;
     const struct ggml_tensor * down_t = b->down_t;
     const int64_t n_embd = down_t->ne[0];
     const int64_t n_ff   = down_t->ne[1];
     const int64_t blck   = ggml_blck_size(down_t->type);
-    // strips of whole quant blocks and whole micro-tiles; wide enough that dequantizing a row's
-    // segment into the panel reads a few hundred contiguous bytes, not one or two blocks
-    const int64_t strip = STRIP_COLS % blck == 0 ? STRIP_COLS : blck;
+    const int64_t strip = strip_width(n_embd, blck, nth);
     const int64_t n_strips = (n_embd + strip - 1) / strip;
     if (!pi_down_batch_needs_pack(b)) { // small batches: firing rows added token by token
         for (int64_t t = 0; t < n_tokens(b); t++) {
