@@ -9,6 +9,7 @@
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
+#include "pi-vnni.h"
 #define PI_AXPY_AVX2 1
 #endif
 
@@ -383,10 +384,10 @@ static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * s
                     const __m256i q1 = unsigned_quants<Q5>(row[2 * p + 1] + off);
                     // bytes (q0, q1) side by side, widened to int16: one madd per 8 elements
                     const __m256i lo = _mm256_unpacklo_epi8(q0, q1), hi = _mm256_unpackhi_epi8(q0, q1);
-                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), cp));
-                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), cp));
-                    s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), cp));
-                    s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), cp));
+                    s0 = pi_dpwssd(s0, _mm256_unpacklo_epi8(lo, zero), cp);
+                    s1 = pi_dpwssd(s1, _mm256_unpackhi_epi8(lo, zero), cp);
+                    s2 = pi_dpwssd(s2, _mm256_unpacklo_epi8(hi, zero), cp);
+                    s3 = pi_dpwssd(s3, _mm256_unpackhi_epi8(hi, zero), cp);
                 }
                 _mm256_storeu_si256(v + 0, s0); _mm256_storeu_si256(v + 1, s1);
                 _mm256_storeu_si256(v + 2, s2); _mm256_storeu_si256(v + 3, s3);

@@ -1,5 +1,7 @@
 #include "pi-dot.h"
 
+#include "pi-vnni.h"
+
 #include <cstdint>
 #include <cstring>
 
@@ -67,7 +69,6 @@ static void dot_q4_0(int n, float * out, const char * const * rows, int n_next, 
     for (int r = 0; r < R; r++) {
         x[r] = (const pi_block_q4_0 *) rows[r];
     }
-    const __m256i ones16 = _mm256_set1_epi16(1);
     const __m256i eights = _mm256_set1_epi8(8);
     __m256 acc[R];
     for (int r = 0; r < R; r++) {
@@ -80,12 +81,11 @@ static void dot_q4_0(int n, float * out, const char * const * rows, int n_next, 
             fetched += 64;
         }
         const __m256i qy   = _mm256_loadu_si256((const __m256i *) y[ib].qs);
-        const __m256i corr = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(eights, qy));
+        const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), pi_dpbusd(_mm256_setzero_si256(), eights, qy));
         const __m256  dy   = _mm256_broadcast_ss(&f16_table[y[ib].d]);
         for (int r = 0; r < R; r++) {
-            const __m256i qx  = unpack_nibbles(x[r][ib].qs);
-            const __m256i dot = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(qx, qy));
-            const __m256  q   = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot, corr));
+            const __m256i qx = unpack_nibbles(x[r][ib].qs);
+            const __m256  q  = _mm256_cvtepi32_ps(pi_dpbusd(corr, qx, qy)); // x.y - 8*sum(y)
             const __m256  d   = scale_product(x[r][ib].d, dy);
             acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
         }
@@ -105,7 +105,6 @@ static void dot_q8_0(int n, float * out, const char * const * rows, int n_next, 
     for (int r = 0; r < R; r++) {
         x[r] = (const pi_block_q8_0 *) rows[r];
     }
-    const __m256i ones16 = _mm256_set1_epi16(1);
     __m256 acc[R];
     for (int r = 0; r < R; r++) {
         acc[r] = _mm256_setzero_ps();
@@ -122,7 +121,7 @@ static void dot_q8_0(int n, float * out, const char * const * rows, int n_next, 
             const __m256i qx  = _mm256_loadu_si256((const __m256i *) x[r][ib].qs);
             const __m256i ax  = _mm256_sign_epi8(qx, qx);
             const __m256i sy  = _mm256_sign_epi8(qy, qx);
-            const __m256i dot = _mm256_madd_epi16(ones16, _mm256_maddubs_epi16(ax, sy));
+            const __m256i dot = pi_dpbusd(_mm256_setzero_si256(), ax, sy);
             const __m256  d   = scale_product(x[r][ib].d, dy);
             acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[r]);
         }
