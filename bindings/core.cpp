@@ -68,6 +68,7 @@ public:
         d["neurons_predicted"] = s.neurons_predicted;
         d["neurons_active"]    = s.neurons_active;
         d["batch_repacks"]     = s.batch_repacks;
+        d["down_transposes"]   = s.down_transposes;
         return d;
     }
 

@@ -32,6 +32,7 @@ struct pi_stats {
     uint64_t neurons_predicted;  // of those, the candidates whose gate row was computed
     uint64_t neurons_active;     // of those, the ones whose activation was non-zero
     uint64_t batch_repacks;      // plain gate/up matrices repacked for a batch (PowerInfer models)
+    uint64_t down_transposes;    // down_t matrices transposed back for a batch (dense activations)
 };
 
 // How the FFN of a PowerInfer model runs (RAM slots). Batches of tokens always run dense.

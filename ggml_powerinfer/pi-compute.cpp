@@ -242,7 +242,17 @@ static bool add_bundled_node(pi_compute_context * ctx, struct ggml_tensor * node
         }
         pi_down_batch * b = ctx->down_batches[ctx->n_down++].get();
         struct ggml_tensor * down_t = pi_ram_host_tensor(node->src[0]);
-        pi_down_batch_prepare(b, node->src[1], down_t, pi_ram_row_scale_max(node->src[0]));
+        const bool dense_act = L->activation == PI_ACT_GRAPH || pi_activation_is_thresholded(L->activation);
+        pi_down_batch_prepare(b, node->src[1], down_t, pi_ram_row_scale_max(node->src[0]), dense_act);
+        if (b->transposed) { // the transpose op writes only b->w; ggml's matmul writes the output
+            slot->counters.down_transposes++;
+            ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_transpose_op, node->src[1], down_t, b));
+            struct ggml_tensor * op = &ctx->node_copies[ctx->cpu_nodes.size()];
+            *op = *node;
+            op->src[0] = &b->w;
+            ctx->cpu_nodes.push_back(op);
+            return true;
+        }
         // the pack op writes only the batch's scratch; the gemm op writes the output
         if (pi_down_batch_needs_pack(b)) {
             ctx->cpu_nodes.push_back(custom_node(ctx, node, pi_down_pack_op, node->src[1], down_t, b));
@@ -367,8 +377,9 @@ enum ggml_status pi_compute_graph(pi_compute_context * ctx, struct ggml_cgraph *
     int64_t n_tokens = 0;
     const int n_nodes = ggml_graph_n_nodes(cgraph);
     ctx->cpu_nodes.clear();
-    if ((int) ctx->node_copies.size() < n_nodes) {
-        ctx->node_copies.resize(n_nodes); // no reallocation below: cpu_nodes points into it
+    if ((int) ctx->node_copies.size() < 2 * n_nodes + 8) { // indexed by cpu_nodes' length, which
+        // a bundled down node can grow by two
+        ctx->node_copies.resize(2 * n_nodes + 8); // no reallocation below: cpu_nodes points into it
     }
     // a node may become up to three custom ops (a sparse layer's down): room for all of them
     const size_t custom_size = (size_t) (3 * n_nodes + 8) * ggml_tensor_overhead();

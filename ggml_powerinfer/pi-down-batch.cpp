@@ -2,6 +2,8 @@
 
 #include "pi-axpy.h"
 
+#include "ggml-cpu.h"
+
 #include <algorithm>
 #include <cstring>
 
@@ -25,16 +27,44 @@ static int64_t n_tokens(const pi_down_batch * b) {
     return b->act->ne[1];
 }
 
+// Columns of down_t dequantized together by the transpose op: whole blocks, at least 32.
+static int64_t transpose_group(enum ggml_type type) {
+    return std::max<int64_t>(ggml_blck_size(type), 32);
+}
+
+// F16 rows transpose exactly; quantized ones are re-quantized to Q8_0 (ggml's integer kernels).
+static enum ggml_type transposed_type(enum ggml_type down_t_type) {
+    return down_t_type == GGML_TYPE_F16 ? GGML_TYPE_F16 : GGML_TYPE_Q8_0;
+}
+
 void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, const struct ggml_tensor * down_t,
-                           const float * scale_max) {
+                           const float * scale_max, bool dense_activation) {
     b->act       = act;
     b->down_t    = down_t;
     b->scale_max = scale_max;
     b->n_tb      = (act->ne[1] + PI_DOWN_TB - 1) / PI_DOWN_TB;
+    const int64_t n_embd = down_t->ne[0];
+    const int64_t n_ff   = down_t->ne[1];
+    b->transposed = dense_activation && act->ne[1] >= PI_DOWN_TRANSPOSE_MIN && n_ff % ggml_blck_size(transposed_type(down_t->type)) == 0 &&
+                    n_embd % transpose_group(down_t->type) == 0 && ggml_get_type_traits(down_t->type)->to_float != nullptr;
+    if (b->transposed) {
+        const enum ggml_type type = transposed_type(down_t->type);
+        const size_t row = ggml_row_size(type, n_ff);
+        b->w_data.resize(row * (size_t) n_embd);
+        b->w = {};
+        b->w.type  = type;
+        b->w.ne[0] = n_ff;
+        b->w.ne[1] = n_embd;
+        b->w.ne[2] = b->w.ne[3] = 1;
+        b->w.nb[0] = ggml_type_size(type);
+        b->w.nb[1] = row;
+        b->w.nb[2] = b->w.nb[3] = row * (size_t) n_embd;
+        b->w.data  = b->w_data.data();
+        return;
+    }
     if (!pi_down_batch_needs_pack(b)) {
         return;
     }
-    const int64_t n_ff = down_t->ne[1];
     b->panels.resize((size_t) (b->n_tb * n_ff * PI_DOWN_TB));
     b->active.resize((size_t) (b->n_tb * n_ff));
     b->n_active.resize((size_t) b->n_tb);
@@ -47,6 +77,33 @@ bool pi_down_batch_needs_pack(const pi_down_batch * b) {
 
 static float act_at(const pi_down_batch * b, int64_t t, int64_t i) {
     return *(const float *) ((const char *) b->act->data + t*b->act->nb[1] + i*b->act->nb[0]);
+}
+
+void pi_down_transpose_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    pi_down_batch * b = (pi_down_batch *) userdata; // added to the graph only when transposed
+    const struct ggml_tensor * down_t = b->down_t;
+    const int64_t n_embd = down_t->ne[0];
+    const int64_t n_ff   = down_t->ne[1];
+    const int64_t G      = transpose_group(down_t->type);
+    const size_t  g_off  = (size_t) (G / ggml_blck_size(down_t->type)) * ggml_type_size(down_t->type);
+    const ggml_to_float_t to_float = ggml_get_type_traits(down_t->type)->to_float;
+    const ggml_from_float_t from_float = ggml_get_type_traits_cpu(b->w.type)->from_float;
+    // a group of G columns of every row, then each column gathered into a row of w
+    static thread_local std::vector<float> panel, col;
+    panel.resize((size_t) (n_ff * G));
+    col.resize((size_t) n_ff);
+    for (int64_t g = ith; g < n_embd / G; g += nth) {
+        for (int64_t i = 0; i < n_ff; i++) {
+            to_float((const char *) down_t->data + i*down_t->nb[1] + g*g_off, panel.data() + i*G, G);
+        }
+        for (int64_t k = 0; k < G; k++) {
+            for (int64_t i = 0; i < n_ff; i++) {
+                col[i] = panel[i*G + k];
+            }
+            from_float(col.data(), b->w_data.data() + (g*G + k) * b->w.nb[1], n_ff);
+        }
+    }
+    (void) dst;
 }
 
 void pi_down_pack_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {

@@ -26,12 +26,25 @@ struct pi_down_batch {
     std::vector<int32_t> active;                 // [tb][...]: neurons firing in the block, ascending
     std::vector<int64_t> n_active;               // per token block
     std::vector<char>    by_rows;                // per token block: sparse enough to run token by token
+    bool                 transposed = false;     // runs as ggml's matmul on `w` instead
+    std::vector<char>    w_data;                 // down transposed back: n_embd rows of n_ff
+    struct ggml_tensor   w = {};                 // describes w_data for ggml's kernels
 };
 
-// Sizes the scratch for these operands. scale_max (may be nullptr) is each down_t row's largest
+// Layers whose activations are dense (thresholded SiLU/GELU: about half of every token's
+// neurons fire, so the panels hold nearly every neuron) multiply batches of at least
+// PI_DOWN_TRANSPOSE_MIN tokens with ggml's kernels instead: the transpose op writes down_t back
+// in ffn_down's layout (b->w: F16 stays F16, exactly; other types are re-quantized to Q8_0, for
+// ggml's integer dot products against the f32 GEMM's FMAs), and the caller adds a matmul of
+// b->w with the activations. The transpose reads down_t once per batch.
+constexpr int64_t PI_DOWN_TRANSPOSE_MIN = 64;
+void pi_down_transpose_op(struct ggml_tensor * dst, int ith, int nth, void * userdata);
+
+// Sizes the scratch for these operands. `dense_activation`: the layer's activations are not of
+// the ReLU family (see PI_DOWN_TRANSPOSE_MIN). scale_max (may be nullptr) is each down_t row's largest
 // block scale (pi_row_scale_max), which lets Q4_0/Q5_0 rows run the integer kernel.
 void pi_down_batch_prepare(pi_down_batch * b, const struct ggml_tensor * act, const struct ggml_tensor * down_t,
-                           const float * scale_max);
+                           const float * scale_max, bool dense_activation);
 bool pi_down_batch_needs_pack(const pi_down_batch * b);
 
 // One token: y = sum over i with act[i] != 0 of act[i] * down_t[i], over this thread's slice of

@@ -636,6 +636,7 @@ void pi_model_slot_get_stats(pi_model_slot_t slot, struct pi_stats * out) {
     out->neurons_predicted = c.neurons_predicted.load();
     out->neurons_active    = c.neurons_active.load();
     out->batch_repacks     = c.batch_repacks.load();
+    out->down_transposes   = c.down_transposes.load();
 }
 
 bool pi_model_slot_set_sparse_mode(pi_model_slot_t slot, enum pi_sparse_mode mode) {
@@ -664,6 +665,7 @@ void pi_model_slot_reset_stats(pi_model_slot_t slot) {
     c.neurons_predicted = 0;
     c.neurons_active = 0;
     c.batch_repacks = 0;
+    c.down_transposes = 0;
 }
 
 size_t pi_model_slot_resident_bytes(pi_model_slot_t slot) {

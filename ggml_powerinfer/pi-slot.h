@@ -26,6 +26,7 @@ struct pi_counters {
     std::atomic<uint64_t> neurons_predicted{0};
     std::atomic<uint64_t> neurons_active{0};
     std::atomic<uint64_t> batch_repacks{0};
+    std::atomic<uint64_t> down_transposes{0};
 };
 
 // A layer's predictor held in memory (RAM slots of PowerInfer models); empty when it has none.

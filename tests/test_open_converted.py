@@ -53,6 +53,33 @@ def test_relu_models_match_stock(synthetic_models: dict[str, Path], converted: d
     assert agree.kl_mean <= max_kl, agree
 
 
+def test_long_batches_transpose_down_back(synthetic_models: dict[str, Path],
+                                          converted_silu: fmt.PowerInferFile) -> None:
+    """Batches of >= 64 tokens of layers with dense activations multiply down transposed back to
+    ffn_down's layout (F16 exactly) with ggml's kernels: as close to stock as a short batch."""
+    source = synthetic_models["f16"]
+    stock = llama_cpp.Llama(str(source), logits_all=True, **KW)
+    try:
+        tokens = stock.tokenize(b"The quick brown fox jumps over the lazy dog " * 10)[:80]
+        assert len(tokens) == 80
+        reference = quality.logits(stock, tokens)
+    finally:
+        stock.close()
+    llm = powerinfer.Llama(converted_silu.path, logits_all=True, **KW)
+    try:
+        short = quality.logits(llm, tokens[:40])
+        assert llm.powerinfer_stats()["down_transposes"] == 0
+        long = quality.logits(llm, tokens)
+        assert llm.powerinfer_stats()["down_transposes"] > 0
+    finally:
+        llm.close()
+    base = quality.compare(reference[:40], short)
+    agree = quality.compare(reference, long)
+    assert agree.top1 == 1.0, agree
+    assert agree.max_abs_diff < max(2 * base.max_abs_diff, 0.05), (agree, base)
+    assert agree.kl_max < 1e-4, agree
+
+
 def test_same_greedy_text(synthetic_models: dict[str, Path], converted_silu: fmt.PowerInferFile) -> None:
     stock = llama_cpp.Llama(str(synthetic_models["f16"]), **KW)
     want = stock.create_completion(PROMPT, max_tokens=48, temperature=0)["choices"][0]["text"]
@@ -73,7 +100,8 @@ def test_gemma_converted_matches_stock(gemma_path: Path, tmp_path: Path) -> None
     prof = profile_model(gemma_path, calibration_texts(), max_tokens=128, threads=THREADS)
     pf = fmt.convert(gemma_path, tmp_path / "g.gguf", prof.frequencies())
     assert set(pf.activations) == {"gelu_threshold"}
-    agree = _against_stock(gemma_path, pf.path, n=24)
+    # a batch of more than 64 tokens: down transposed back and re-quantized to Q8_0 for ggml
+    agree = _against_stock(gemma_path, pf.path, n=72)
     # down_t in Q8_0 (0.5% relative RMS against the source's Q6_K/Q4_K down)
     assert agree.top1 >= 0.95, agree
     assert agree.kl_mean < 0.02, agree

@@ -44,6 +44,8 @@ _BACKEND_METRICS: dict[str, tuple[str, str, str]] = {
                        "Of those, the neurons that fired (their up and down rows were computed)."),
     "batch_repacks": ("powerinfer_batch_repacks_total", "counter",
                       "Gate/up matrices repacked into interleaved blocks for a prompt batch."),
+    "down_transposes": ("powerinfer_down_transposes_total", "counter",
+                        "Down projections transposed back to ffn_down's layout for a prompt batch."),
 }
 
 # Keys the neuron cache is expected to add. Until powerinfer_stats() has them, no hit-rate
