@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 import pytest
 
 import powerinfer
@@ -17,6 +18,18 @@ from powerinfer.profile import ModelProfile
 
 PROMPT = "The quick brown fox"
 KW = dict(n_ctx=256, n_threads=THREADS, verbose=False, seed=0)
+
+
+def _short_and_long_batch(llm: powerinfer.Llama, tokens: list[int], n_short: int,
+                          counter: str) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of the first `n_short` tokens as one batch, which must not touch the stats
+    `counter`, then of all `tokens` as one batch, which must."""
+    llm.reset_powerinfer_stats()
+    short = quality.logits(llm, tokens[:n_short])
+    assert llm.powerinfer_stats()[counter] == 0
+    full = quality.logits(llm, tokens)
+    assert llm.powerinfer_stats()[counter] > 0
+    return short, full
 
 
 def _against_stock(source: Path, converted: str, n: int = 32) -> quality.Agreement:
@@ -67,10 +80,7 @@ def test_long_batches_transpose_down_back(synthetic_models: dict[str, Path],
         stock.close()
     llm = powerinfer.Llama(converted_silu.path, logits_all=True, **KW)
     try:
-        short = quality.logits(llm, tokens[:40])
-        assert llm.powerinfer_stats()["down_transposes"] == 0
-        long = quality.logits(llm, tokens)
-        assert llm.powerinfer_stats()["down_transposes"] > 0
+        short, long = _short_and_long_batch(llm, tokens, 40, "down_transposes")
     finally:
         llm.close()
     base = quality.compare(reference[:40], short)
@@ -131,11 +141,7 @@ def test_prompt_batches_repack_gate_and_up(converted: dict[str, fmt.PowerInferFi
         tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog " * 6)[:48]
         assert len(tokens) == 48
         single = quality.logits(llm, tokens, one_at_a_time=True)
-        llm.reset_powerinfer_stats()
-        plain = quality.logits(llm, tokens[:31])
-        assert llm.powerinfer_stats()["batch_repacks"] == 0
-        repacked = quality.logits(llm, tokens)
-        assert llm.powerinfer_stats()["batch_repacks"] > 0
+        plain, repacked = _short_and_long_batch(llm, tokens, 31, "batch_repacks")
     finally:
         llm.close()
     base = quality.compare(single[:31], plain)
