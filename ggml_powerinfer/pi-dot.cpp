@@ -12,7 +12,9 @@
 #define PI_QK 32
 struct pi_block_q4_0 { uint16_t d; uint8_t qs[PI_QK / 2]; };
 struct pi_block_q8_0 { uint16_t d; int8_t  qs[PI_QK]; };
+struct pi_block_q5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[PI_QK / 2]; };
 static_assert(sizeof(pi_block_q4_0) == 18, "q4_0 block");
+static_assert(sizeof(pi_block_q5_0) == 22, "q5_0 block");
 static_assert(sizeof(pi_block_q8_0) == 34, "q8_0 block");
 
 // F16 -> F32 by table, as ggml's CPU backend does: a scale becomes one broadcast load from the
@@ -47,6 +49,18 @@ static inline __m256i unpack_nibbles(const uint8_t * qs) {
     const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) qs));
     const __m256i bytes = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
     return _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes);
+}
+
+// A Q5_0 block's 32 values as bytes in [0, 31]: the nibbles, plus 16 where bit j of qh is set
+// (byte j of the broadcast word picked per lane, then tested against its own bit).
+static inline __m256i unpack_q5_0(const pi_block_q5_0 * b) {
+    uint32_t qh;
+    memcpy(&qh, b->qh, sizeof(qh));
+    const __m256i which = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
+    const __m256i bit   = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
+    const __m256i bytes = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int) qh), which), bit);
+    const __m256i high  = _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(0x10));
+    return _mm256_or_si256(unpack_nibbles(b->qs), high);
 }
 
 // Prefetch, for each row of the next group, the cache line at byte `off` (called once per line
@@ -88,6 +102,41 @@ static void dot_q4_0(int n, float * out, const char * const * rows, int n_next, 
             const __m256  q  = _mm256_cvtepi32_ps(pi_dpbusd(corr, qx, qy)); // x.y - 8*sum(y)
             const __m256  d   = scale_product(x[r][ib].d, dy);
             acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        out[r] = hsum_float_8(acc[r]);
+    }
+}
+
+// Q5_0 x Q8_0, as Q4_0 with values in [0, 31] and an offset of 16: lane j = x.y - 16 * sum(y),
+// the integer ggml's lane holds.
+template <int R>
+static void dot_q5_0(int n, float * out, const char * const * rows, int n_next, const char * const * next,
+                     const void * vy) {
+    const int nb = n / PI_QK;
+    const pi_block_q8_0 * y = (const pi_block_q8_0 *) vy;
+    const pi_block_q5_0 * x[R];
+    for (int r = 0; r < R; r++) {
+        x[r] = (const pi_block_q5_0 *) rows[r];
+    }
+    const __m256i sixteens = _mm256_set1_epi8(16);
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    size_t fetched = 0;
+    for (int ib = 0; ib < nb; ib++) {
+        if ((ib + 1) * sizeof(pi_block_q5_0) > fetched) {
+            prefetch_rows(n_next, next, fetched);
+            fetched += 64;
+        }
+        const __m256i qy   = _mm256_loadu_si256((const __m256i *) y[ib].qs);
+        const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), pi_dpbusd(_mm256_setzero_si256(), sixteens, qy));
+        const __m256  dy   = _mm256_broadcast_ss(&f16_table[y[ib].d]);
+        for (int r = 0; r < R; r++) {
+            const __m256 q = _mm256_cvtepi32_ps(pi_dpbusd(corr, unpack_q5_0(&x[r][ib]), qy));
+            acc[r] = _mm256_fmadd_ps(scale_product(x[r][ib].d, dy), q, acc[r]);
         }
     }
     for (int r = 0; r < R; r++) {
@@ -149,11 +198,13 @@ static_assert(PI_DOT_ROWS == 8, "the dispatch below covers 1..8 rows");
         }                                                                                                \
     }
 PI_DOT_DISPATCH(dot_rows_q4_0, dot_q4_0)
+PI_DOT_DISPATCH(dot_rows_q5_0, dot_q5_0)
 PI_DOT_DISPATCH(dot_rows_q8_0, dot_q8_0)
 
 pi_dot_rows_fn pi_dot_rows_kernel(enum ggml_type type) {
     switch (type) {
         case GGML_TYPE_Q4_0: return dot_rows_q4_0;
+        case GGML_TYPE_Q5_0: return dot_rows_q5_0;
         case GGML_TYPE_Q8_0: return dot_rows_q8_0;
         default:             return nullptr;
     }
