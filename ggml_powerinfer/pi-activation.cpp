@@ -1,21 +1,19 @@
 #include "pi-activation.h"
 
+#include "pi-profile.h"
+
 #include <cmath>
 #include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PI_ACT_AVX2 1
-#endif
 
+// gelu(g) = 0.5*g*(1 + tanh(z)) = g / (1 + e^-2z), z = sqrt(2/pi) * g * (1 + a*g^2), ggml's
+// tanh approximation; silu(g) = g / (1 + e^-g)
 static const float GELU_SQRT_2_OVER_PI = 0.7978845608f;
 static const float GELU_COEF_A         = 0.044715f;
-
-// The exponent of the sigmoid: silu(g) = g / (1 + e^-g), gelu(g) = g / (1 + e^-2z) with
-// z = sqrt(2/pi) * g * (1 + a*g^2), which is 0.5*g*(1 + tanh(z)).
-static inline float sigmoid_exponent(bool gelu, float g) {
-    return gelu ? -2.0f*GELU_SQRT_2_OVER_PI*g*(1.0f + GELU_COEF_A*g*g) : -g;
-}
+#endif
 
 #ifdef PI_ACT_AVX2
 // e^x: x = n*ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7 (relative error
@@ -71,8 +69,8 @@ static void thresholded(bool gelu, float threshold, const float * g, float * a, 
         memcpy(a + k, at, sizeof(float) * (size_t) (n - k));
     }
 #else
-    for (int64_t k = 0; k < n; k++) {
-        const float v = g[k] / (1.0f + expf(sigmoid_exponent(gelu, g[k])));
+    for (int64_t k = 0; k < n; k++) { // libm, as the profiler that set the threshold
+        const float v = pi_glu_apply(gelu ? PI_GLU_GELU : PI_GLU_SILU, g[k]);
         a[k] = fabsf(v) > threshold ? v : 0.0f;
     }
 #endif

@@ -51,9 +51,22 @@ static inline __m256i unpack_nibbles(const uint8_t * qs) {
     return _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes);
 }
 
+// Prefetch, for each row of the next group, the cache line at byte `off` (called once per line
+// of the current rows, so both groups advance together).
+static inline void prefetch_rows(int n_next, const char * const * next, size_t off) {
+    for (int r = 0; r < n_next; r++) {
+        _mm_prefetch(next[r] + off, _MM_HINT_T0);
+    }
+}
+
+// The 32 values of a Q4_0 block as bytes in [0, 15].
+static inline __m256i unsigned_values(const pi_block_q4_0 * b) {
+    return unpack_nibbles(b->qs);
+}
+
 // A Q5_0 block's 32 values as bytes in [0, 31]: the nibbles, plus 16 where bit j of qh is set
 // (byte j of the broadcast word picked per lane, then tested against its own bit).
-static inline __m256i unpack_q5_0(const pi_block_q5_0 * b) {
+static inline __m256i unsigned_values(const pi_block_q5_0 * b) {
     uint32_t qh;
     memcpy(&qh, b->qh, sizeof(qh));
     const __m256i which = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
@@ -63,45 +76,35 @@ static inline __m256i unpack_q5_0(const pi_block_q5_0 * b) {
     return _mm256_or_si256(unpack_nibbles(b->qs), high);
 }
 
-// Prefetch, for each row of the next group, the cache line at byte `off` (called once per line
-// of the current rows, so both groups advance together).
-static inline void prefetch_rows(int n_next, const char * const * next, size_t off) {
-    for (int r = 0; r < n_next; r++) {
-        _mm_prefetch(next[r] + off, _MM_HINT_T0);
-    }
-}
-
-// Q4_0 x Q8_0. ggml computes lane j = sum over 4 bytes of (x - 8) * y with a sign trick; here
-// lane j = sum of x * y (x unsigned in [0, 15]) minus 8 * sum of y: the same integer, with the
-// activation part computed once for all rows.
-template <int R>
-static void dot_q4_0(int n, float * out, const char * const * rows, int n_next, const char * const * next,
-                     const void * vy) {
+// Q4_0 / Q5_0 x Q8_0, values stored unsigned with an offset (8 / 16). ggml computes lane j =
+// sum over 4 bytes of (x - offset) * y with a sign trick; here lane j = sum of x * y minus
+// offset * sum of y: the same integer, with the activation part computed once for all rows.
+template <typename Block, int OFFSET, int R>
+static void dot_offset(int n, float * out, const char * const * rows, int n_next, const char * const * next,
+                       const void * vy) {
     const int nb = n / PI_QK;
     const pi_block_q8_0 * y = (const pi_block_q8_0 *) vy;
-    const pi_block_q4_0 * x[R];
+    const Block * x[R];
     for (int r = 0; r < R; r++) {
-        x[r] = (const pi_block_q4_0 *) rows[r];
+        x[r] = (const Block *) rows[r];
     }
-    const __m256i eights = _mm256_set1_epi8(8);
+    const __m256i offset = _mm256_set1_epi8(OFFSET);
     __m256 acc[R];
     for (int r = 0; r < R; r++) {
         acc[r] = _mm256_setzero_ps();
     }
     size_t fetched = 0; // bytes of the next rows prefetched so far
     for (int ib = 0; ib < nb; ib++) {
-        if ((ib + 1) * sizeof(pi_block_q4_0) > fetched) {
+        if ((ib + 1) * sizeof(Block) > fetched) {
             prefetch_rows(n_next, next, fetched);
             fetched += 64;
         }
         const __m256i qy   = _mm256_loadu_si256((const __m256i *) y[ib].qs);
-        const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), pi_dpbusd(_mm256_setzero_si256(), eights, qy));
+        const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), pi_dpbusd(_mm256_setzero_si256(), offset, qy));
         const __m256  dy   = _mm256_broadcast_ss(&f16_table[y[ib].d]);
         for (int r = 0; r < R; r++) {
-            const __m256i qx = unpack_nibbles(x[r][ib].qs);
-            const __m256  q  = _mm256_cvtepi32_ps(pi_dpbusd(corr, qx, qy)); // x.y - 8*sum(y)
-            const __m256  d   = scale_product(x[r][ib].d, dy);
-            acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+            const __m256 q = _mm256_cvtepi32_ps(pi_dpbusd(corr, unsigned_values(&x[r][ib]), qy)); // x.y - offset*sum(y)
+            acc[r] = _mm256_fmadd_ps(scale_product(x[r][ib].d, dy), q, acc[r]);
         }
     }
     for (int r = 0; r < R; r++) {
@@ -109,39 +112,14 @@ static void dot_q4_0(int n, float * out, const char * const * rows, int n_next, 
     }
 }
 
-// Q5_0 x Q8_0, as Q4_0 with values in [0, 31] and an offset of 16: lane j = x.y - 16 * sum(y),
-// the integer ggml's lane holds.
 template <int R>
-static void dot_q5_0(int n, float * out, const char * const * rows, int n_next, const char * const * next,
-                     const void * vy) {
-    const int nb = n / PI_QK;
-    const pi_block_q8_0 * y = (const pi_block_q8_0 *) vy;
-    const pi_block_q5_0 * x[R];
-    for (int r = 0; r < R; r++) {
-        x[r] = (const pi_block_q5_0 *) rows[r];
-    }
-    const __m256i sixteens = _mm256_set1_epi8(16);
-    __m256 acc[R];
-    for (int r = 0; r < R; r++) {
-        acc[r] = _mm256_setzero_ps();
-    }
-    size_t fetched = 0;
-    for (int ib = 0; ib < nb; ib++) {
-        if ((ib + 1) * sizeof(pi_block_q5_0) > fetched) {
-            prefetch_rows(n_next, next, fetched);
-            fetched += 64;
-        }
-        const __m256i qy   = _mm256_loadu_si256((const __m256i *) y[ib].qs);
-        const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), pi_dpbusd(_mm256_setzero_si256(), sixteens, qy));
-        const __m256  dy   = _mm256_broadcast_ss(&f16_table[y[ib].d]);
-        for (int r = 0; r < R; r++) {
-            const __m256 q = _mm256_cvtepi32_ps(pi_dpbusd(corr, unpack_q5_0(&x[r][ib]), qy));
-            acc[r] = _mm256_fmadd_ps(scale_product(x[r][ib].d, dy), q, acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        out[r] = hsum_float_8(acc[r]);
-    }
+static void dot_q4_0(int n, float * out, const char * const * rows, int n_next, const char * const * next, const void * y) {
+    dot_offset<pi_block_q4_0, 8, R>(n, out, rows, n_next, next, y);
+}
+
+template <int R>
+static void dot_q5_0(int n, float * out, const char * const * rows, int n_next, const char * const * next, const void * y) {
+    dot_offset<pi_block_q5_0, 16, R>(n, out, rows, n_next, next, y);
 }
 
 // Q8_0 x Q8_0: ggml's arithmetic per row, rows interleaved.
