@@ -82,12 +82,16 @@ static inline __m256i nibbles_in_order(const uint8_t * qs) {
 static inline __m256i fifth_bits(const uint8_t * qh) {
     uint32_t bits;
     memcpy(&bits, qh, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_maskz_mov_epi8((__mmask32) bits, _mm256_set1_epi8(0x10)); // the word is a byte mask
+#else
     // byte k takes byte k/8 of the word, then keeps bit k%8
     const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int) bits),
         _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
     const __m256i bit = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
     const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
     return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+#endif
 }
 
 // 32 signed bytes as four vectors of eight floats
@@ -243,15 +247,19 @@ static inline __m256i unsigned_quants(const char * p) {
 }
 
 // Rows per int32 accumulation. The sums wrap around freely on the way (two's complement), so
-// only the result, sum of coefficient * (quant - offset), must fit: |coefficient| <= INT_COEF_MAX
-// and |quant - offset| <= 16 give 4096 * 32000 * 16 < 2^31.
-static const float   INT_COEF_MAX = 32000.0f;
-static const int64_t INT_CHUNK    = 4096;
-static const int     INT_PAIRS    = 4; // row pairs per pass over the blocks
-// Rows whose |coefficient| * scale_max exceeds this fraction of the largest are added as floats.
-static const float   INT_LARGE_ROW = 1.0f / 16;
+// only the result, sum of coefficient * (quant - offset), must fit: |coefficient| <= 2^14 and
+// |quant - offset| <= 16 give 4096 * 2^14 * 16 = 2^30.
+static const int64_t INT_CHUNK = 4096;
+static const int     INT_PAIRS = 4; // row pairs per pass over the blocks
+// Rows are added in tiers of equal step: a row whose |a[r]| * scale_max[r] lies in
+// [2^(TIER_BITS*t), 2^(TIER_BITS*(t+1))) has coefficients rounded to multiples of
+// 2^(TIER_BITS*(t+1) - 14), so its largest is at least 2^(14 - TIER_BITS) steps: every row keeps
+// ten bits or more whatever the others hold (ReLU activations have a long tail), and its
+// coefficients depend on its own activation only, so a token alone or in a batch rounds alike.
+static const int TIER_BITS = 4;
+static const int TIER_MIN  = -30; // tiers below this (values under 2^-120) go through the float kernel
 
-// The float kernel over any number of rows, for what the integer kernel hands back.
+// The float kernel over any number of rows.
 template <bool Q5>
 static void axpy_float(int64_t n, int64_t n_rows, const float * a, const char * const * rows, float * y) {
     for (int64_t r = 0; r < n_rows; r += 4) {
@@ -260,67 +268,32 @@ static void axpy_float(int64_t n, int64_t n_rows, const float * a, const char * 
     }
 }
 
+// The tier of a positive finite value: floor(log2(v) / TIER_BITS).
+static inline int tier_of(float v) {
+    int e;
+    std::frexp(v, &e); // v = m * 2^e, m in [0.5, 1): floor(log2 v) = e - 1
+    const int l = e - 1;
+    return l >= 0 ? l / TIER_BITS : -((-l + TIER_BITS - 1) / TIER_BITS);
+}
+
+// The F16 scales of blocks b..b+8 of a row (zero past nb), gathered in a register: through a
+// small array they would be stored in pieces and reloaded whole, which stalls the load.
+static inline __m128i block_scales(const char * row, int64_t b, int64_t nb, size_t bsize) {
+    uint16_t d[8] = {0};
+    for (int t = 0; t < 8 && b + t < nb; t++) {
+        memcpy(&d[t], row + (size_t) (b + t) * bsize, sizeof(uint16_t));
+    }
+    return _mm_set_epi16((short) d[7], (short) d[6], (short) d[5], (short) d[4],
+                         (short) d[3], (short) d[2], (short) d[1], (short) d[0]);
+}
+
 template <bool Q5>
-static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * scale_max, const char * const * rows, float * y) {
+static void axpy_int_tier(int64_t n, int64_t n_rows, const float * a, const char * const * rows, float step, float * y) {
     const size_t bsize  = Q5 ? sizeof(pi_q5_0) : sizeof(pi_q4_0);
     const int    offset = Q5 ? 16 : 8;
     const int64_t nb  = n / 32;
     const int64_t nb8 = (nb + 7) / 8 * 8;
-    float amax = 0.0f;
-    bool finite = true;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float v = std::fabs(a[r]) * scale_max[r];
-        finite = finite && std::isfinite(v);
-        amax = std::max(amax, v);
-    }
-    if (!finite) { // a NaN or inf: passed on as the float kernel would
-        axpy_float<Q5>(n, n_rows, a, rows, y);
-        return;
-    }
-    if (amax == 0.0f) {
-        return;
-    }
-    // the few largest rows (ReLU activations have a long tail) go through the float kernel, so
-    // that the step, set by the largest of the rest, is finer for all the others
-    static thread_local std::vector<const char *> small_rows;
-    static thread_local std::vector<float> small_a;
-    small_rows.clear();
-    small_a.clear();
-    float small_max = 0.0f;
-    const char * large_rows[4];
-    float large_a[4];
-    int n_large = 0;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float v = std::fabs(a[r]) * scale_max[r];
-        if (v > amax * INT_LARGE_ROW) {
-            large_rows[n_large] = rows[r];
-            large_a[n_large++] = a[r];
-            if (n_large == 4) {
-                axpy_float<Q5>(n, n_large, large_a, large_rows, y);
-                n_large = 0;
-            }
-        } else {
-            small_rows.push_back(rows[r]);
-            small_a.push_back(a[r]);
-            small_max = std::max(small_max, v);
-        }
-    }
-    axpy_float<Q5>(n, n_large, large_a, large_rows, y);
-    if (small_max == 0.0f) {
-        return;
-    }
-    rows   = small_rows.data();
-    a      = small_a.data();
-    n_rows = (int64_t) small_rows.size();
-    // a power of two: a row's integer coefficients then depend on its own activation only, not
-    // on which other row is largest, so nearly equal inputs (a token alone or in a batch) give
-    // nearly equal outputs
-    const float step = std::exp2(std::ceil(std::log2(small_max / INT_COEF_MAX)));
-    const float inv  = 1.0f / step;
-    if (!(step > 0.0f) || !std::isfinite(inv)) { // values near the bottom of float's range
-        axpy_float<Q5>(n, n_rows, a, rows, y);
-        return;
-    }
+    const float inv = 1.0f / step;
     static thread_local std::vector<int32_t> acc, coef, pairs, coef_sum;
     acc.resize((size_t) n);
     coef.resize((size_t) (2 * INT_PAIRS * nb8));
@@ -346,11 +319,7 @@ static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * s
                 }
                 const __m256 ak = _mm256_set1_ps(real ? a[g + k] * inv : 0.0f);
                 for (int64_t b = 0; b < nb; b += 8) {
-                    uint16_t d[8] = {0};
-                    for (int t = 0; t < 8 && b + t < nb; t++) {
-                        memcpy(&d[t], row[k] + (size_t) (b + t) * bsize, sizeof(uint16_t));
-                    }
-                    const __m256 cf = _mm256_mul_ps(ak, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) d)));
+                    const __m256 cf = _mm256_mul_ps(ak, _mm256_cvtph_ps(block_scales(row[k], b, nb, bsize)));
                     _mm256_storeu_si256((__m256i *) &coef[(size_t) (k * nb8 + b)], _mm256_cvtps_epi32(cf));
                 }
             }
@@ -369,9 +338,9 @@ static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * s
             size_t fetched = 0;
             for (int64_t b = 0; b < nb; b++) {
                 const size_t off = (size_t) b * bsize;
-                while (off + bsize > fetched) {
+                while (off + bsize > fetched) { // into L2, as pi-dot.cpp's prefetch_rows
                     for (int k = 0; k < n_next; k++) {
-                        _mm_prefetch(next[k] + fetched, _MM_HINT_T0);
+                        _mm_prefetch(next[k] + fetched, _MM_HINT_T1);
                     }
                     fetched += 64;
                 }
@@ -410,6 +379,63 @@ static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * s
                 _mm256_storeu_ps(yb + 8 * k, _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(e[k]), _mm256_loadu_ps(yb + 8 * k)));
             }
         }
+    }
+}
+
+// Rows grouped by tier (a counting sort), then one integer pass per tier.
+template <bool Q5>
+static void axpy_int(int64_t n, int64_t n_rows, const float * a, const float * scale_max, const char * const * rows, float * y) {
+    static thread_local std::vector<int> tier;
+    static thread_local std::vector<int64_t> start;
+    static thread_local std::vector<const char *> tier_rows;
+    static thread_local std::vector<float> tier_a;
+    tier.resize((size_t) n_rows);
+    int t_lo = INT32_MAX, t_hi = INT32_MIN;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float v = std::fabs(a[r]) * scale_max[r];
+        if (!std::isfinite(v)) { // a NaN or inf: passed on as the float kernel would
+            axpy_float<Q5>(n, n_rows, a, rows, y);
+            return;
+        }
+        tier[r] = v > 0.0f ? std::max(tier_of(v), TIER_MIN - 1) : INT32_MIN; // zero rows add nothing
+        if (tier[r] != INT32_MIN) {
+            t_lo = std::min(t_lo, tier[r]);
+            t_hi = std::max(t_hi, tier[r]);
+        }
+    }
+    if (t_lo > t_hi) {
+        return;
+    }
+    start.assign((size_t) (t_hi - t_lo + 2), 0);
+    for (int64_t r = 0; r < n_rows; r++) {
+        if (tier[r] != INT32_MIN) {
+            start[(size_t) (tier[r] - t_lo + 1)]++;
+        }
+    }
+    for (size_t t = 1; t < start.size(); t++) {
+        start[t] += start[t - 1];
+    }
+    tier_rows.resize((size_t) start.back());
+    tier_a.resize((size_t) start.back());
+    for (int64_t r = 0; r < n_rows; r++) {
+        if (tier[r] != INT32_MIN) {
+            const int64_t at = start[(size_t) (tier[r] - t_lo)]++;
+            tier_rows[(size_t) at] = rows[r];
+            tier_a[(size_t) at]    = a[r];
+        }
+    }
+    int64_t begin = 0;
+    for (int t = t_lo; t <= t_hi; t++) {
+        const int64_t end = start[(size_t) (t - t_lo)];
+        if (end > begin) {
+            if (t < TIER_MIN) {
+                axpy_float<Q5>(n, end - begin, tier_a.data() + begin, tier_rows.data() + begin, y);
+            } else {
+                axpy_int_tier<Q5>(n, end - begin, tier_a.data() + begin, tier_rows.data() + begin,
+                                  std::ldexp(1.0f, TIER_BITS * (t + 1) - 14), y);
+            }
+        }
+        begin = end;
     }
 }
 

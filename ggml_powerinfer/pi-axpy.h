@@ -22,12 +22,12 @@ typedef void (*pi_axpy_fn)(int64_t n, int n_rows, const float * a, const char * 
 pi_axpy_fn pi_axpy_kernel(enum ggml_type type);
 
 // y[0..n) += sum over r < n_rows of a[r] * rows[r][0..n) for Q4_0 and Q5_0 rows, in integers.
-// scale_max[r] is at least the largest |block scale| of row r; rows whose |a[r]| * scale_max[r]
-// exceeds 1/16 of the largest are added as floats, and for the others each a[r] * (block scale)
-// is rounded to a multiple of one step (the largest of their |a[r]| * scale_max[r], / 32000) and
-// the products with the quants are summed in int32. An element's error is at most step/2 *
-// sum_r |q_r - offset| over those rows (offset 16 for Q5_0, 8 for Q4_0) beyond float rounding,
-// against half the instructions of the float kernel. A NaN or infinite coefficient is passed on
+// scale_max[r] is at least the largest |block scale| of row r. Rows go in tiers by
+// v_r = |a[r]| * scale_max[r]: a row with v_r in [2^(4t), 2^(4t+4)) has each a[r] * (block scale)
+// rounded to a multiple of its tier's step 2^(4t+4-14) (at least 2^10 steps for its largest
+// block), and each tier's products with the quants are summed in int32. An element's error is at
+// most sum_r step_r/2 * |q_r - offset| (offset 16 for Q5_0, 8 for Q4_0) beyond float rounding,
+// for a fraction of the float kernel's instructions. A NaN or infinite coefficient is passed on
 // through the float kernel. nullptr for other types, or CPUs without AVX2.
 typedef void (*pi_axpy_int_fn)(int64_t n, int64_t n_rows, const float * a, const float * scale_max,
                                const char * const * rows, float * y);

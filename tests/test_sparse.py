@@ -230,20 +230,20 @@ needs_int_axpy = pytest.mark.skipif(not _has_int_axpy(), reason="no integer down
 
 
 def _int_axpy_bound(type_name: str, data: np.ndarray, deq: np.ndarray, coefs: np.ndarray) -> np.ndarray:
-    """Per element: what the integer kernel may be off by. Rows whose |a_r| * (largest block
-    scale) exceeds 1/16 of the largest such value are added as floats; for the others each
-    coefficient * block scale is rounded to a multiple of step, the power of two at or above (the
-    largest of their values) / 32000, so an element is off by at most step/2 * sum_r |q_r - offset|
-    over them; plus float rounding of the result."""
+    """Per element: what the integer kernel may be off by. A row with v = |a_r| * (largest block
+    scale) in [2^(4t), 2^(4t+4)) has each coefficient * block scale rounded to a multiple of its
+    tier's step 2^(4t+4-14), so an element is off by at most sum_r step_r/2 * |q_r - offset|; plus
+    float rounding of the result."""
     _, bsize, _ = INT_AXPY_TYPES[type_name]
     n_rows, n = deq.shape
     scales = np.abs(data.reshape(n_rows, -1, bsize)[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32))
-    v = np.abs(coefs.astype(np.float32)) * scales.max(axis=1)
-    small = v <= v.max() * np.float32(1 / 16)
-    step = 2.0 ** np.ceil(np.log2(float(v[small].max()) / 32000)) if small.any() and v[small].max() > 0 else 0.0
+    v = (np.abs(coefs.astype(np.float32)) * scales.max(axis=1)).astype(np.float64)
+    _, e = np.frexp(v)                                   # v = m * 2^e, m in [0.5, 1)
+    tier = np.floor_divide(e - 1, 4)
+    step = np.where(v > 0, np.exp2(4.0 * (tier + 1) - 14), 0.0)
     per_elem = np.repeat(scales.astype(np.float64), 32, axis=1)
     q_off = np.divide(np.abs(deq), per_elem, out=np.zeros_like(deq), where=per_elem > 0)  # |q - offset|
-    return (0.5001 * step * q_off[small].sum(axis=0) + 1e-6 * (np.abs(coefs)[:, None] * np.abs(deq)).sum(axis=0)
+    return (0.5001 * (step[:, None] * q_off).sum(axis=0) + 1e-6 * (np.abs(coefs)[:, None] * np.abs(deq)).sum(axis=0)
             + 1e-30)
 
 
