@@ -52,10 +52,12 @@ static inline __m256i unpack_nibbles(const uint8_t * qs) {
 }
 
 // Prefetch, for each row of the next group, the cache line at byte `off` (called once per line
-// of the current rows, so both groups advance together).
+// of the current rows, so both groups advance together). Into L2: eight gathered rows of 4096
+// values and the next eight fill L1 (32 KiB), and fetching into it evicted the rows being read
+// (7B-class sparse decode: FFN 10% faster into L2).
 static inline void prefetch_rows(int n_next, const char * const * next, size_t off) {
     for (int r = 0; r < n_next; r++) {
-        _mm_prefetch(next[r] + off, _MM_HINT_T0);
+        _mm_prefetch(next[r] + off, _MM_HINT_T1);
     }
 }
 

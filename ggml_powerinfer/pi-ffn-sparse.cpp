@@ -13,7 +13,7 @@
 // Neurons per work unit of op 2. Threads claim units in hot-first order from a shared counter,
 // so that neither waits long at the barrier whatever a token's active set (a unit costs about
 // as much as it has neurons predicted).
-static const int64_t NEURON_CHUNK = 128;
+static const int64_t NEURON_CHUNK = 512;
 
 bool pi_sparse_supported(const pi_bundle_layer * L, const struct ggml_tensor * gate, const struct ggml_tensor * up,
                          const struct ggml_tensor * down_t) {
