@@ -165,7 +165,8 @@ struct dec_q5_1 {
 };
 
 // y += sum over R rows of a[r] * row[r], 32 elements at a time: y is loaded and stored once per
-// block for all R rows, and the next group's rows are prefetched a cache line per line read.
+// block for all R rows, and the next group's rows are prefetched (into L2, as pi-dot.cpp's) a
+// cache line per line read.
 template <int R, typename D>
 static void axpy_block_rows(int64_t n, const float * a, const char * const * rows, int n_next,
                             const char * const * next, float * y) {
@@ -174,7 +175,7 @@ static void axpy_block_rows(int64_t n, const float * a, const char * const * row
         const size_t off = (size_t) i * D::size;
         while (off + D::size > fetched) {
             for (int r = 0; r < n_next; r++) {
-                _mm_prefetch(next[r] + fetched, _MM_HINT_T0);
+                _mm_prefetch(next[r] + fetched, _MM_HINT_T1);
             }
             fetched += 64;
         }

@@ -124,12 +124,24 @@ static inline float relu(float v) {
     return v > 0.0f ? v : 0.0f;
 }
 
+// Rows fetched ahead of ggml's one-row vec_dot, into L2 (as the pi-dot kernels' prefetch).
+static const int PREFETCH_AHEAD = 4;
+
+static inline void prefetch_row(const char * row, size_t size) {
+    for (size_t off = 0; off < size; off += 64) {
+        __builtin_prefetch(row + off, 0, 2);
+    }
+}
+
 // out[list[j]] = dot(row list[j], xq) for the listed rows of a row-major matrix: the group
 // kernel on up to PI_DOT_ROWS gathered rows at a time (the next group prefetched), or vec_dot.
 static void gathered_dots(ggml_vec_dot_t vec_dot, pi_dot_rows_fn dot_rows, int n, const char * rows, size_t stride,
                           const int * list, int n_list, const void * xq, float * out) {
-    if (dot_rows == nullptr) {
+    if (dot_rows == nullptr) { // one row at a time: the rows PREFETCH_AHEAD further on are fetched meanwhile
         for (int j = 0; j < n_list; j++) {
+            if (j + PREFETCH_AHEAD < n_list) {
+                prefetch_row(rows + (size_t) list[j + PREFETCH_AHEAD]*stride, stride);
+            }
             vec_dot(n, &out[list[j]], 0, rows + (size_t) list[j]*stride, 0, xq, 0, 1);
         }
         return;
