@@ -269,11 +269,13 @@ static void axpy_float(int64_t n, int64_t n_rows, const float * a, const char * 
     }
 }
 
-// The tier of a positive finite value: floor(log2(v) / TIER_BITS).
+// The tier of a positive finite value: floor(log2(v) / TIER_BITS), from the exponent bits (a
+// subnormal's tier is below TIER_MIN whatever its exact value).
 static inline int tier_of(float v) {
-    int e;
-    std::frexp(v, &e); // v = m * 2^e, m in [0.5, 1): floor(log2 v) = e - 1
-    const int l = e - 1;
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof(bits));
+    const int biased = (int) ((bits >> 23) & 0xFF);
+    const int l = biased > 0 ? biased - 127 : -150; // floor(log2 v)
     return l >= 0 ? l / TIER_BITS : -((-l + TIER_BITS - 1) / TIER_BITS);
 }
 

@@ -249,10 +249,10 @@ def _int_axpy_bound(type_name: str, data: np.ndarray, deq: np.ndarray, coefs: np
 
 @needs_int_axpy
 @given(type_name=st.sampled_from(sorted(INT_AXPY_TYPES)), n_blocks=st.integers(1, 20), n_rows=st.integers(1, 40),
-       heavy=st.booleans(), seed=st.integers(0, 2**31 - 1))
-@settings(max_examples=60, deadline=None)
+       heavy=st.booleans(), spread=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=80, deadline=None)
 def test_int_axpy_kernel_stays_within_its_rounding_bound(type_name: str, n_blocks: int, n_rows: int, heavy: bool,
-                                                         seed: int) -> None:
+                                                         spread: bool, seed: int) -> None:
     t = INT_AXPY_TYPES[type_name][0]
     rng = np.random.default_rng(seed)
     rows = (rng.standard_normal((n_rows, n_blocks * 32)) * rng.uniform(0.01, 10, (n_rows, 1))).astype(np.float32)
@@ -260,6 +260,8 @@ def test_int_axpy_kernel_stays_within_its_rounding_bound(type_name: str, n_block
     coefs = rng.standard_normal(n_rows)
     if heavy:  # a few large activations, as ReLU layers have
         coefs *= np.where(rng.random(n_rows) < 0.1, 50.0, 1.0)
+    if spread:  # rows in many tiers, down to subnormal coefficients (the float kernel's)
+        coefs *= np.exp2(rng.integers(-140, 60, n_rows).astype(np.float64))
     coefs = coefs.astype(np.float32)
     deq = _core.dequantize_rows(t, data, n_blocks * 32).astype(np.float64)
     want = coefs.astype(np.float64) @ deq
