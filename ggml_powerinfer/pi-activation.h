@@ -11,3 +11,8 @@
 // tanh approximation) are computed as g * sigmoid(.) with a vectorised exp, within a few ulp
 // of libm, eight values at a time: the same value whichever op or position computes it.
 void pi_gate_activations(const struct pi_bundle_layer * L, const float * g, float * a, int64_t n);
+
+// What a firing neuron's activation is multiplied by: relu(up) for dReLU, up for the others.
+static inline float pi_up_factor(const struct pi_bundle_layer * L, float up) {
+    return L->activation == PI_ACT_DRELU ? (up > 0.0f ? up : 0.0f) : up;
+}

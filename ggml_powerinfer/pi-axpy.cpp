@@ -9,6 +9,7 @@
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
+#include "pi-quant-bytes.h"
 #include "pi-vnni.h"
 #define PI_AXPY_AVX2 1
 #endif
@@ -70,30 +71,6 @@ static inline float f16_to_f32(uint16_t h) {
     return _cvtsh_ss(h);
 }
 
-// The 32 nibbles of a Q4/Q5 block as bytes in element order: low nibbles are elements 0..15,
-// high nibbles 16..31.
-static inline __m256i nibbles_in_order(const uint8_t * qs) {
-    const __m128i q = _mm_loadu_si128((const __m128i *) qs);
-    const __m128i m = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
-}
-
-// 0x10 in byte k where bit k of the 32-bit word is set (the fifth bit of Q5 quants)
-static inline __m256i fifth_bits(const uint8_t * qh) {
-    uint32_t bits;
-    memcpy(&bits, qh, 4);
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-    return _mm256_maskz_mov_epi8((__mmask32) bits, _mm256_set1_epi8(0x10)); // the word is a byte mask
-#else
-    // byte k takes byte k/8 of the word, then keeps bit k%8
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int) bits),
-        _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
-    const __m256i bit = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
-    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-#endif
-}
-
 // 32 signed bytes as four vectors of eight floats
 static inline void bytes_to_floats(__m256i q, __m256 v[4]) {
     const __m128i lo = _mm256_castsi256_si128(q);
@@ -134,7 +111,7 @@ struct dec_q4_0 {
     static const bool has_min = false;
     static inline void decode(const char * p, __m256 v[4], float * d, float * m) {
         const pi_q4_0 * b = (const pi_q4_0 *) p;
-        bytes_to_floats(_mm256_sub_epi8(nibbles_in_order(b->qs), _mm256_set1_epi8(8)), v);
+        bytes_to_floats(_mm256_sub_epi8(pi_nibble_bytes(b->qs), _mm256_set1_epi8(8)), v);
         *d = f16_to_f32(b->d);
         *m = 0.0f;
     }
@@ -145,7 +122,7 @@ struct dec_q5_0 {
     static const bool has_min = false;
     static inline void decode(const char * p, __m256 v[4], float * d, float * m) {
         const pi_q5_0 * b = (const pi_q5_0 *) p;
-        const __m256i q = _mm256_or_si256(nibbles_in_order(b->qs), fifth_bits(b->qh));
+        const __m256i q = pi_q5_bytes(b->qh, b->qs);
         bytes_to_floats(_mm256_sub_epi8(q, _mm256_set1_epi8(16)), v);
         *d = f16_to_f32(b->d);
         *m = 0.0f;
@@ -158,7 +135,7 @@ struct dec_q5_1 {
     static inline void decode(const char * p, __m256 v[4], float * d, float * m) {
         const pi_q5_1 * b = (const pi_q5_1 *) p;
         // quants are 0..31: the bytes stay non-negative as signed int8
-        bytes_to_floats(_mm256_or_si256(nibbles_in_order(b->qs), fifth_bits(b->qh)), v);
+        bytes_to_floats(pi_q5_bytes(b->qh, b->qs), v);
         *d = f16_to_f32(b->d);
         *m = f16_to_f32(b->m);
     }
@@ -236,15 +213,11 @@ static void axpy_f16(int64_t n, int n_rows, const float * a, const char * const 
     }
 }
 
-// The integer kernel: quants as unsigned bytes (0..31 for Q5_0, 0..15 for Q4_0) with lane 0
-// holding elements 0..15 and lane 1 elements 16..31, so no lane crossing.
+// The integer kernel: quants as unsigned bytes (0..31 for Q5_0, 0..15 for Q4_0) in element
+// order (pi-quant-bytes.h), so no lane crossing.
 template <bool Q5>
 static inline __m256i unsigned_quants(const char * p) {
-    const uint8_t * qs = (const uint8_t *) p + (Q5 ? offsetof(pi_q5_0, qs) : offsetof(pi_q4_0, qs));
-    const __m256i nib = _mm256_and_si256(
-        _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) qs)), _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
-        _mm256_set1_epi8(0x0F));
-    return Q5 ? _mm256_or_si256(nib, fifth_bits((const uint8_t *) p + offsetof(pi_q5_0, qh))) : nib;
+    return Q5 ? pi_q5_bytes(((const pi_q5_0 *) p)->qh, ((const pi_q5_0 *) p)->qs) : pi_nibble_bytes(((const pi_q4_0 *) p)->qs);
 }
 
 // Rows per int32 accumulation. The sums wrap around freely on the way (two's complement), so

@@ -1,5 +1,6 @@
 #include "pi-dot.h"
 
+#include "pi-quant-bytes.h"
 #include "pi-vnni.h"
 
 #include <cstdint>
@@ -43,14 +44,6 @@ static inline float hsum_float_8(const __m256 x) {
     return _mm_cvtss_f32(res);
 }
 
-// 32 nibbles -> 32 bytes in [0, 15]: low nibbles first, as ggml's bytes_from_nibbles_32. The 16
-// bytes are loaded into both halves and the upper half shifted by a per-lane count: no insert.
-static inline __m256i unpack_nibbles(const uint8_t * qs) {
-    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) qs));
-    const __m256i bytes = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
-    return _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes);
-}
-
 // Prefetch, for each row of the next group, the cache line at byte `off` (called once per line
 // of the current rows, so both groups advance together). Into L2: eight gathered rows of 4096
 // values and the next eight fill L1 (32 KiB), and fetching into it evicted the rows being read
@@ -61,21 +54,13 @@ static inline void prefetch_rows(int n_next, const char * const * next, size_t o
     }
 }
 
-// The 32 values of a Q4_0 block as bytes in [0, 15].
+// The 32 values of a block as bytes in [0, 15] (Q4_0) or [0, 31] (Q5_0).
 static inline __m256i unsigned_values(const pi_block_q4_0 * b) {
-    return unpack_nibbles(b->qs);
+    return pi_nibble_bytes(b->qs);
 }
 
-// A Q5_0 block's 32 values as bytes in [0, 31]: the nibbles, plus 16 where bit j of qh is set
-// (byte j of the broadcast word picked per lane, then tested against its own bit).
 static inline __m256i unsigned_values(const pi_block_q5_0 * b) {
-    uint32_t qh;
-    memcpy(&qh, b->qh, sizeof(qh));
-    const __m256i which = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
-    const __m256i bit   = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
-    const __m256i bytes = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int) qh), which), bit);
-    const __m256i high  = _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(0x10));
-    return _mm256_or_si256(unpack_nibbles(b->qs), high);
+    return pi_q5_bytes(b->qh, b->qs);
 }
 
 // Q4_0 / Q5_0 x Q8_0, values stored unsigned with an offset (8 / 16). ggml computes lane j =

@@ -26,10 +26,8 @@ void pi_activation_op(struct ggml_tensor * dst, int ith, int nth, void * userdat
         const float * u = (const float *) ((const char *) up->data   + r*up->nb[1]) + i;
         float * y = (float *) ((char *) dst->data + r*dst->nb[1]) + i;
         pi_gate_activations(L, g, a, len);
-        if (L->activation == PI_ACT_DRELU) {
-            for (int64_t k = 0; k < len; k++) { y[k] = a[k] == 0.0f ? 0.0f : a[k] * (u[k] > 0.0f ? u[k] : 0.0f); }
-        } else {
-            for (int64_t k = 0; k < len; k++) { y[k] = a[k] == 0.0f ? 0.0f : a[k] * u[k]; }
+        for (int64_t k = 0; k < len; k++) {
+            y[k] = a[k] == 0.0f ? 0.0f : a[k] * pi_up_factor(L, u[k]);
         }
         e += len;
     }

@@ -120,10 +120,6 @@ void pi_sparse_prepare_op(struct ggml_tensor * dst, int ith, int nth, void * use
     (void) dst;
 }
 
-static inline float relu(float v) {
-    return v > 0.0f ? v : 0.0f;
-}
-
 // Rows fetched ahead of ggml's one-row vec_dot, into L2 (as the pi-dot kernels' prefetch).
 static const int PREFETCH_AHEAD = 4;
 
@@ -228,7 +224,7 @@ void pi_sparse_neurons_op(struct ggml_tensor * dst, int ith, int nth, void * use
         memset(act + i0, 0, sizeof(float) * m);
         for (int j = 0; j < n_fire; j++) {
             const int k = fire[j];
-            const float y = a[k] * (L->activation == PI_ACT_DRELU ? relu(u[k]) : u[k]);
+            const float y = a[k] * pi_up_factor(L, u[k]);
             act[i0 + k] = y;
             n_active += y != 0.0f;
         }
